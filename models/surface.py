@@ -1,0 +1,71 @@
+"""The probing surface: the only part of a model the probe engine may touch.
+
+Every model family in `models/` offers it, so the probe never looks inside a
+family. Block k's output is the hidden state after k blocks (k = 0 is the
+embedding itself); there is no final norm and no LM head in it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class ProbeSurface(Protocol):
+    """What the probe engine needs from a model, and nothing more."""
+
+    family: ClassVar[str]
+    config: Any
+    blocks: nn.ModuleList
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of blocks n; `hidden(e, upto=k)` is defined for 0 <= k <= n."""
+        ...
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model accepts (L)."""
+        ...
+
+    @property
+    def embedding_matrix(self) -> Tensor:
+        """The input embedding matrix W_E, shape (vocab, d)."""
+        ...
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token ids (b, t) -> input embeddings (b, t, d)."""
+        ...
+
+    def run_blocks(self, h: Tensor, start: int, stop: int) -> Tensor:
+        """Apply blocks start..stop-1 to the hidden state after `start` blocks (b, t, d)."""
+        ...
+
+    def hidden(self, e: Tensor, upto: int) -> Tensor:
+        """Hidden state after `upto` blocks for input embeddings e (b, t, d)."""
+        ...
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Token ids (b, t) -> next-token logits (b, t, vocab)."""
+        ...
+
+
+def check_block_range(upto: int, n_blocks: int) -> None:
+    """Raise a clear error when a block index is outside 0..n_blocks."""
+    if not 0 <= upto <= n_blocks:
+        raise ValueError(f"block {upto} is out of range: this model has blocks 0..{n_blocks}")
+
+
+def check_length(t: int, context_length: int) -> None:
+    """Raise a clear error when a sequence is longer than the model's context."""
+    if t > context_length:
+        raise ValueError(f"sequence of {t} tokens is longer than the model's context length {context_length}")
+
+
+@torch.no_grad()
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
