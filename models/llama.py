@@ -1,0 +1,172 @@
+"""Llama-style transformer: HF `LlamaForCausalLM` behind the probing surface.
+
+RoPE, RMSNorm, SwiGLU and causal attention all come from `transformers`; this
+file only maps a small typed config onto `LlamaConfig` and runs the HF decoder
+layers one by one, so that the probe can read (and backpropagate through) the
+raw output of any block. In transformers 5.x `output_hidden_states[-1]` has the
+final RMSNorm applied; `hidden(e, upto=n)` here is the un-normed block output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import create_causal_mask
+
+from models.surface import check_block_range, check_length
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+# SwiGLU has three matrices instead of two, so Llama shrinks its hidden width to
+# 2/3 of 4d to keep the MLP's parameter count; rounded up to a multiple of 64.
+SWIGLU_WIDTH_FACTOR = 8 / 3
+INTERMEDIATE_MULTIPLE = 64
+# PyTorch's SDPA: deterministic on CPU, the same kernel HF picks by default.
+ATTENTION_IMPLEMENTATION = "sdpa"
+
+
+@dataclass
+class LlamaModelConfig:
+    """Shape of a small Llama-style transformer."""
+
+    vocab_size: int = 4096
+    """Number of token ids the embedding and the LM head cover."""
+    d_model: int = 256
+    """Width of the hidden state."""
+    n_blocks: int = 8
+    """Number of decoder layers."""
+    n_heads: int = 4
+    """Number of attention (query) heads; d_model must be divisible by it."""
+    n_kv_heads: int | None = None
+    """Number of key/value heads (grouped-query attention); None means n_heads."""
+    intermediate_size: int | None = None
+    """SwiGLU hidden width; None means 8/3 * d_model rounded up to a multiple of 64."""
+    context_length: int = 128
+    """Longest sequence the model accepts (L)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the LM head."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_blocks", "n_heads", "context_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads != 0):
+            raise ValueError(f"n_kv_heads {self.n_kv_heads} must be >= 1 and divide n_heads {self.n_heads}")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ValueError(f"intermediate_size must be >= 1, got {self.intermediate_size}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def mlp_width(self) -> int:
+        """The SwiGLU hidden width actually used."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return INTERMEDIATE_MULTIPLE * math.ceil(SWIGLU_WIDTH_FACTOR * self.d_model / INTERMEDIATE_MULTIPLE)
+
+    def to_hf(self) -> LlamaConfig:
+        """The equivalent `transformers.LlamaConfig`."""
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.d_model,
+            intermediate_size=self.mlp_width,
+            num_hidden_layers=self.n_blocks,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_kv_heads if self.n_kv_heads is not None else self.n_heads,
+            max_position_embeddings=self.context_length,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            tie_word_embeddings=self.tie_embeddings,
+            # Our tokenizer's special ids are not Llama's 1/2; export_hf records the real ones.
+            bos_token_id=None,
+            eos_token_id=None,
+            attn_implementation=ATTENTION_IMPLEMENTATION,
+        )
+
+
+class LlamaLM(nn.Module):
+    """HF `LlamaForCausalLM` exposing the probing surface."""
+
+    family: ClassVar[str] = "llama"
+    config_class: ClassVar[type] = LlamaModelConfig
+
+    def __init__(self, config: LlamaModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.hf = LlamaForCausalLM(config.to_hf())
+        self.blocks = self.hf.model.layers  # the HF ModuleList itself, not a copy
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of decoder layers n."""
+        return len(self.blocks)
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model accepts (L)."""
+        return self.config.context_length
+
+    @property
+    def embedding_matrix(self) -> Tensor:
+        """The input embedding matrix W_E, (vocab, d)."""
+        return self.hf.model.embed_tokens.weight
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token ids (b, t) -> input embeddings (b, t, d)."""
+        return self.hf.model.embed_tokens(ids)
+
+    def run_blocks(self, h: Tensor, start: int, stop: int) -> Tensor:
+        """Apply decoder layers start..stop-1 to the hidden state after `start` layers (b, t, d)."""
+        check_block_range(start, self.n_blocks)
+        check_block_range(stop, self.n_blocks)
+        if start > stop:
+            raise ValueError(f"block range {start}..{stop} is empty: start must be <= stop")
+        check_length(h.shape[1], self.context_length)
+        if start == stop:
+            return h
+        # Exactly what LlamaModel.forward prepares for its layers (no cache, no padding mask):
+        # positions 0..t-1, RoPE (cos, sin) for them, and the causal mask (None for SDPA,
+        # which then attends with is_causal=True).
+        position_ids = torch.arange(h.shape[1], device=h.device)[None, :]  # (1, t)
+        mask = create_causal_mask(
+            config=self.hf.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids
+        )
+        position_embeddings = self.hf.model.rotary_emb(h, position_ids=position_ids)  # 2 x (1, t, head_dim)
+        for layer in self.blocks[start:stop]:
+            h = layer(
+                h, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings
+            )  # (b, t, d)
+        return h
+
+    def hidden(self, e: Tensor, upto: int) -> Tensor:
+        """Hidden state after `upto` layers for input embeddings e (b, t, d), before the final norm."""
+        return self.run_blocks(e, 0, upto)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Token ids (b, t) -> next-token logits (b, t, vocab)."""
+        check_length(ids.shape[1], self.context_length)
+        return self.hf(input_ids=ids, use_cache=False).logits  # (b, t, vocab)
+
+
+def export_hf(model: LlamaLM, tokenizer: PreTrainedTokenizerFast | None, out_dir: Path) -> Path:
+    """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(out_dir)` works."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        # Record the tokenizer's special ids for generation (stop at end-of-text, pad with pad).
+        generation = model.hf.generation_config
+        generation.eos_token_id = tokenizer.eos_token_id
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        tokenizer.save_pretrained(out_dir)
+    model.hf.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
