@@ -1,0 +1,366 @@
+"""TinyStories as a LightningDataModule: hub or local shards -> tokenized, cached Arrow.
+
+Two sources behind one interface, both through `datasets`:
+- `hub`: `roneneldan/TinyStories` from the Hugging Face hub (needs a network);
+- `local`: a folder with `train/*.txt` and `valid.txt`, stories separated by a
+  line that holds exactly `<|endoftext|>` (the hub's story text, as shards).
+
+`prepare_data` trains (once) or loads the 4096-token tokenizer and writes each
+split, tokenized to rows of a fixed context length L, as an Arrow dataset under
+the cache folder, keyed by everything that decides its content; `setup` only
+loads those. Batches are `{"input_ids", "labels"}` (b, L) LongTensors with
+labels unshifted and -100 at padding, so padding never enters the loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast
+
+from data.tokenizer import (
+    EOS_TOKEN,
+    VOCAB_SIZE,
+    get_or_train_tokenizer,
+    load_tokenizer,
+    tokenizer_hash,
+)
+
+HUB_DATASET = "roneneldan/TinyStories"
+DATA_DIR_ENV = "LMREP_DATA_DIR"
+SOURCES = ("local", "hub")
+SPLITS = ("train", "validation")
+IGNORE_INDEX = -100  # labels at this value are skipped by torch's cross-entropy
+# Bump when the tokenized layout changes, so old caches are not read as new ones.
+CACHE_FORMAT = 1
+_STORY_SEPARATOR = re.compile(r"^" + re.escape(EOS_TOKEN) + r"$", flags=re.MULTILINE)
+_MAP_BATCH = 1000  # stories per datasets.map batch
+
+
+def default_data_dir() -> Path:
+    """The local TinyStories folder: $LMREP_DATA_DIR, else ../shared/data/tinystories beside the checkout."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+
+
+def _split_files(data_dir: Path, split: str) -> list[Path]:
+    """The text files that hold one split of a local folder (may be empty)."""
+    if split == "train":
+        return sorted((data_dir / "train").glob("*.txt"))
+    if split == "validation":
+        valid = data_dir / "valid.txt"
+        return [valid] if valid.is_file() else []
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def read_local_stories(data_dir: Path, split: Literal["train", "validation"]) -> list[str]:
+    """The stories of one split of a local folder, stripped, in file order."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"TinyStories folder {data_dir} does not exist")
+    stories: list[str] = []
+    for path in _split_files(data_dir, split):
+        text = path.read_text(encoding="utf-8")
+        stories.extend(s.strip() for s in _STORY_SEPARATOR.split(text))
+    stories = [s for s in stories if s]
+    if not stories:
+        where = data_dir / "train" if split == "train" else data_dir / "valid.txt"
+        raise ValueError(f"no {split} stories in {where} (expected stories separated by {EOS_TOKEN} lines)")
+    return stories
+
+
+def load_stories(
+    source: Literal["local", "hub"], data_dir: Path | None, split: Literal["train", "validation"]
+) -> datasets.Dataset:
+    """One split of TinyStories as a `datasets.Dataset` with a `text` column."""
+    if source == "local":
+        folder = Path(data_dir) if data_dir is not None else default_data_dir()
+        return datasets.Dataset.from_dict({"text": read_local_stories(folder, split)})
+    if source == "hub":
+        return datasets.load_dataset(HUB_DATASET, split=split)
+    raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
+
+
+def _sha(obj: Any) -> str:
+    """A short sha256 of a JSON-able object, for cache keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(source: str, data_dir: Path | None) -> str:
+    """A key for the stories themselves: the hub name, or a hash of the local files' contents."""
+    if source == "hub":
+        return _sha({"hub": HUB_DATASET})
+    folder = Path(data_dir) if data_dir is not None else default_data_dir()
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for path in _split_files(folder, split):
+            digest.update(f"{split}/{path.name}\0".encode())
+            digest.update(path.read_bytes())  # a few MB: hashing is cheaper than trusting mtimes
+    return digest.hexdigest()[:16]
+
+
+class _Collate:
+    """Stack rows into a batch and mask padding out of the labels (a class so workers can pickle it)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        input_ids = torch.stack([row["input_ids"] for row in rows]).long()  # (b, L)
+        labels = input_ids.masked_fill(input_ids == self.pad_token_id, IGNORE_INDEX)  # (b, L)
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class TinyStoriesDataModule(L.LightningDataModule):
+    """TinyStories tokenized to fixed-length rows, from the hub or a local folder.
+
+    Args:
+        source: "local" (a folder of text shards) or "hub" (roneneldan/TinyStories).
+        data_dir: the local folder; None means $LMREP_DATA_DIR or ../shared/data/tinystories.
+        cache_dir: where the tokenizer and the tokenized datasets are cached.
+        tokenizer_path: use this tokenizer.json instead of training one.
+        context_length: tokens per row L (the training script fills it from the model config).
+        batch_size: rows per batch.
+        packing: False: one story per row, truncated or right-padded with PAD;
+            True: stories joined with EOS and cut into full windows of L tokens.
+        max_train_stories: use only the first this many training stories (None: all).
+        max_val_stories: use only the first this many validation stories (None: all).
+        num_workers: DataLoader worker processes.
+        seed: seed of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str = "local",
+        data_dir: str | None = None,
+        cache_dir: str = ".cache/lmrep",
+        tokenizer_path: str | None = None,
+        context_length: int | None = None,
+        batch_size: int = 16,
+        packing: bool = False,
+        max_train_stories: int | None = None,
+        max_val_stories: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
+        if context_length is not None and context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {context_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for name, value in (("max_train_stories", max_train_stories), ("max_val_stories", max_val_stories)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        self.save_hyperparameters()
+        self.source = source
+        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        if source == "local" and not self.data_dir.is_dir():
+            raise ValueError(f"TinyStories folder {self.data_dir} does not exist (set data_dir or ${DATA_DIR_ENV})")
+        self.cache_dir = Path(cache_dir)
+        self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.packing = packing
+        self.max_stories = {"train": max_train_stories, "validation": max_val_stories}
+        self.num_workers = num_workers
+        self.seed = seed
+        self._tokenizer: PreTrainedTokenizerFast | None = None
+        self._tokenizer_file: Path | None = None
+        self._tokenizer_hash: str | None = None
+        self._data_fingerprint: str | None = None
+        self._datasets: dict[str, datasets.Dataset] = {}
+
+    # ---- tokenizer -------------------------------------------------------------
+
+    @property
+    def data_fingerprint(self) -> str:
+        """Key of the source stories (computed once per process)."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.source, self.data_dir)
+        return self._data_fingerprint
+
+    def _load_or_train_tokenizer(self) -> None:
+        """Load the configured tokenizer, or the cached one, training it first if absent."""
+        if self.tokenizer_path is not None:
+            tok, path = load_tokenizer(self.tokenizer_path), self.tokenizer_path
+        else:
+            key = _sha({"data": self.data_fingerprint, "vocab": VOCAB_SIZE, "format": CACHE_FORMAT})
+
+            def train_texts() -> Any:
+                stories = load_stories(self.source, self.data_dir, "train")  # type: ignore[arg-type]
+                return (batch["text"] for batch in stories.iter(batch_size=_MAP_BATCH))
+
+            tok, path = get_or_train_tokenizer(train_texts, self.cache_dir, key)
+        self._tokenizer, self._tokenizer_file, self._tokenizer_hash = tok, path, tokenizer_hash(tok)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The tokenizer (loaded, or trained and cached, on first use)."""
+        if self._tokenizer is None:
+            self._load_or_train_tokenizer()
+        assert self._tokenizer is not None
+        return self._tokenizer
+
+    @property
+    def tokenizer_hash(self) -> str:
+        """Identity of the tokenizer, for checkpoints."""
+        if self._tokenizer_hash is None:
+            self._load_or_train_tokenizer()
+        assert self._tokenizer_hash is not None
+        return self._tokenizer_hash
+
+    @property
+    def tokenizer_file(self) -> Path:
+        """Path of the tokenizer.json in use."""
+        if self._tokenizer_file is None:
+            self._load_or_train_tokenizer()
+        assert self._tokenizer_file is not None
+        return self._tokenizer_file
+
+    @property
+    def pad_token_id(self) -> int:
+        """Id of the padding token."""
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def eos_token_id(self) -> int:
+        """Id of the end-of-text token."""
+        return int(self.tokenizer.eos_token_id)
+
+    # ---- tokenized datasets ----------------------------------------------------
+
+    def _require_context_length(self) -> int:
+        if self.context_length is None:
+            raise ValueError("context_length is not set: pass it, or let the training script fill it from the model")
+        if self.context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {self.context_length}")
+        return self.context_length
+
+    def split_cache_path(self, split: str) -> Path:
+        """Where the tokenized Arrow dataset of `split` is cached, keyed by all that decides its content."""
+        key = _sha(
+            {
+                "format": CACHE_FORMAT,
+                "source": self.source,
+                "data": self.data_fingerprint,
+                "tokenizer": self.tokenizer_hash,
+                "split": split,
+                "context_length": self._require_context_length(),
+                "packing": self.packing,
+                "max_stories": self.max_stories[split],
+            }
+        )
+        mode = "packed" if self.packing else "padded"
+        return self.cache_dir / "tokenized" / f"{split}-{mode}-L{self.context_length}-{key}"
+
+    def _tokenize(self, stories: datasets.Dataset, split: str) -> datasets.Dataset:
+        """Stories -> rows of exactly L token ids (each story ends with EOS)."""
+        length = self._require_context_length()
+        tok, eos, pad = self.tokenizer, self.eos_token_id, self.pad_token_id
+        packing = self.packing
+
+        def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+            if packing:
+                stream = [t for story in ids for t in (*story, eos)]
+                n_windows = len(stream) // length  # the ragged tail of each map batch is dropped
+                return {"input_ids": [stream[i * length : (i + 1) * length] for i in range(n_windows)]}
+            rows = [(story + [eos])[:length] for story in ids]  # truncated stories keep no EOS
+            return {"input_ids": [row + [pad] * (length - len(row)) for row in rows]}
+
+        features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=length)})
+        return stories.map(
+            encode,
+            batched=True,
+            batch_size=_MAP_BATCH,
+            remove_columns=stories.column_names,
+            features=features,
+            desc=f"tokenizing {split}",
+        )
+
+    def prepare_data(self) -> None:
+        """Train/load the tokenizer and write each tokenized split to the cache (disk work only)."""
+        for split in SPLITS:
+            path = self.split_cache_path(split)
+            if path.is_dir():
+                continue
+            stories = load_stories(self.source, self.data_dir, split)  # type: ignore[arg-type]
+            limit = self.max_stories[split]
+            if limit is not None and limit < len(stories):
+                stories = stories.select(range(limit))
+            rows = self._tokenize(stories, split)
+            if len(rows) == 0:
+                raise ValueError(
+                    f"no {split} rows: {len(stories)} stories are too few for packed windows of {self.context_length} tokens"
+                )
+            # Write beside the target, then rename: a killed run never leaves a half-written cache.
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            rows.save_to_disk(str(tmp))
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another process finished first; its copy is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached tokenized splits (written by prepare_data) as torch tensors."""
+        for split in SPLITS:
+            path = self.split_cache_path(split)
+            if not path.is_dir():
+                raise RuntimeError(f"no tokenized {split} data at {path}: call prepare_data() first")
+            ds = datasets.load_from_disk(str(path))
+            ds.set_format("torch", columns=["input_ids"])
+            self._datasets[split] = ds
+
+    def _dataset(self, split: str) -> datasets.Dataset:
+        if split not in self._datasets:
+            raise RuntimeError(f"the {split} data is not loaded: call prepare_data() and setup() first")
+        return self._datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (seeded)."""
+        return DataLoader(
+            self._dataset("train"),  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=_Collate(self.pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in file order."""
+        return DataLoader(
+            self._dataset("validation"),  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=_Collate(self.pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def validation_texts(self, n: int) -> list[str]:
+        """The first n validation stories as raw text (default prompts for the probe)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if self.source == "local":
+            return read_local_stories(self.data_dir, "validation")[:n]
+        stories = load_stories(self.source, self.data_dir, "validation")  # type: ignore[arg-type]
+        return stories.select(range(min(n, len(stories))))["text"]
