@@ -166,7 +166,8 @@ def export_hf(model: LlamaLM, tokenizer: PreTrainedTokenizerFast | None, out_dir
         # Record the tokenizer's special ids for generation (stop at end-of-text, pad with pad).
         generation = model.hf.generation_config
         generation.eos_token_id = tokenizer.eos_token_id
-        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = tokenizer.pad_token_id
+        generation.pad_token_id = pad_id if pad_id is not None else tokenizer.eos_token_id
         tokenizer.save_pretrained(out_dir)
     model.hf.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
