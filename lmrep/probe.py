@@ -1,0 +1,564 @@
+"""The inversion engine: how much of its input does each block represent?
+
+For a model behind the probing surface (`models.surface.ProbeSurface`), prompts
+`a`, blocks k and masks m, the engine finds an input x whose block-k output
+matches the true one, `Y = hidden(E[a], k)`, on positions >= m only, then
+decodes x back to tokens. Tokens at positions >= m are "self" (their own
+output is in the loss); tokens at positions < m are "non-self" (only the other
+positions' outputs can carry them).
+
+Every (block, mask, prompt) row is solved at once in batched tensors: rows are
+sorted by block, deepest first, so that the rows still needing block j always
+form a prefix and one `run_blocks(h[:alive], j, j + 1)` per block serves them
+all. The total loss is the sum of per-row losses, so each row gets exactly the
+gradient it would get alone, and its start noise depends only on
+(seed, prompt index): a prompt probed alone gives the same numbers.
+
+The engine touches nothing but the surface: `family`, `n_blocks`,
+`context_length`, `embedding_matrix`, `embed` and `run_blocks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmrep import metrics
+from models.surface import check_block_range, check_length
+
+METHODS = ("embedding", "onehot")
+LOSSES = ("l1", "l2", "cosine", "mix")
+OPTIMIZERS = ("adam", "gd")
+CONTEXTS = ("prompt", "padded")
+FREES = ("all", "masked")
+
+# Default learning rates, keyed by (method, optimizer, family). Measured with
+# `calibrate_lr`-style sweeps on untrained models, 500 steps, default settings
+# otherwise (see the measurement notes in the engineer's report and
+# benchmarks): the criterion is block-1 self recovery on TinyStories
+# validation prompts, and among ties the lowest final loss.
+# - adam/embedding: mixer (flat, d 64-256, N(0,1) embeddings) and llama
+#   (d 64-128, embeddings std 0.02). Adam's step is in input units, so the lr
+#   scales with the embedding std: 0.05 for N(0,1) mixers, 0.01 for llama.
+# - gd/embedding: the source's plain descent on the summed distance
+#   (see `_row_weights`), so the lr does not depend on T or d.
+# - onehot: the lr is in logit units, independent of the embedding scale.
+DEFAULT_LR: dict[tuple[str, str, str], float] = {
+    ("embedding", "adam", "mixer"): 0.05,
+    ("embedding", "adam", "llama"): 0.01,
+    ("embedding", "gd", "mixer"): 0.05,
+    ("embedding", "gd", "llama"): 0.002,
+    ("onehot", "adam", "mixer"): 0.1,
+    ("onehot", "adam", "llama"): 0.1,
+    ("onehot", "gd", "mixer"): 10.0,
+    ("onehot", "gd", "llama"): 10.0,
+}
+LR_FINAL_FRACTION = 0.1  # the lr decays linearly to lr/10 over the run, as in the source
+ONEHOT_INIT_SCALE = 1.0  # std of the starting logits for method="onehot" (near-uniform softmax)
+CHECK_EVERY = 10  # steps between the (host-syncing) NaN and patience checks
+DEFAULT_CALIBRATION_GRID = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+_SEED_STRIDE = 1_000_003  # a prime: (seed, prompt index, stream) -> distinct generator seeds
+_STREAM_INIT, _STREAM_SHIFT = 0, 1
+
+
+@dataclass
+class ProbeSettings:
+    """How an inversion is run; every result row records these."""
+
+    method: str = "embedding"
+    """embedding: optimise x in embedding space, decode x @ pinv(W_E); onehot: optimise
+    vocabulary-sized logits a, x = softmax(a) @ W_E, decode argmax/top-k of a."""
+    loss: str = "l1"
+    """Distance between block outputs: l1 | l2 | cosine | mix ((1-w) l1 + w cosine)."""
+    mix_weight: float = 0.5
+    """w in the mix loss."""
+    optimizer: str = "adam"
+    """adam, or gd: plain gradient descent on the summed distance, as in the source."""
+    lr: float | None = None
+    """Starting learning rate; None takes DEFAULT_LR for (method, optimizer, family)."""
+    steps: int = 500
+    """Optimisation steps; the lr decays linearly from lr to lr/10 over them."""
+    context: str = "prompt"
+    """prompt: only the prompt's T positions; padded: right-pad to the model's context
+    length with the pad token, optimise every position, loss over all positions >= m."""
+    free: str = "all"
+    """all: optimise every position; masked: hold positions >= m at their true
+    embeddings and optimise only the masked positions < m."""
+    top_k: int = 5
+    """Candidates per position for top-k recovery."""
+    init_scale: float | None = None
+    """Std of the Gaussian start; None: std of W_E for embedding (start at the embedding's
+    own scale: the source's N(0, 1) fails llama, whose embeddings have std ~0.02), or
+    ONEHOT_INIT_SCALE logit noise for onehot."""
+    baseline_shift: float = 0.05
+    """The distance-ratio baseline is hidden(e + baseline_shift * std(W_E) * N(0, 1)); for
+    N(0, 1) embeddings this is the source's e + N(0, 1/20)."""
+    seed: int = 0
+    """Seeds the start noise and the baseline shift, per prompt index."""
+    allowed_tokens: list[int] | None = None
+    """Restricted-vocabulary decoding: only these token ids can be decoded."""
+    patience: int | None = None
+    """Stop early once every row's top-1 decode is unchanged for this many steps (checked
+    every CHECK_EVERY steps); None runs all steps. Makes a row's result depend on its batch."""
+    max_rows: int | None = None
+    """Solve at most this many (block, mask, prompt) rows at once, to bound memory."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("method", METHODS), ("loss", LOSSES), ("optimizer", OPTIMIZERS),
+                              ("context", CONTEXTS), ("free", FREES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown probe {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if not 0.0 <= self.mix_weight <= 1.0:
+            raise ValueError(f"mix_weight must be in [0, 1], got {self.mix_weight}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.init_scale is not None and not self.init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {self.init_scale}")
+        if self.baseline_shift <= 0:
+            raise ValueError(f"baseline_shift must be positive, got {self.baseline_shift}")
+        if self.allowed_tokens is not None and len(self.allowed_tokens) == 0:
+            raise ValueError("allowed_tokens is empty: give at least one token id, or None for the whole vocabulary")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {self.max_rows}")
+
+    def resolved(self, family: str, embedding_std: float | None = None) -> ProbeSettings:
+        """A copy with None defaults filled in: lr from DEFAULT_LR, init_scale from the embedding std."""
+        lr = self.lr
+        if lr is None:
+            key = (self.method, self.optimizer, family)
+            if key not in DEFAULT_LR:
+                raise ValueError(
+                    f"no default lr for method={self.method}, optimizer={self.optimizer}, family {family!r}: "
+                    "set lr or measure one with lmrep.probe.calibrate_lr"
+                )
+            lr = DEFAULT_LR[key]
+        init_scale = self.init_scale
+        if init_scale is None:
+            if self.method == "onehot":
+                init_scale = ONEHOT_INIT_SCALE
+            elif embedding_std is not None:
+                init_scale = float(embedding_std)
+        return dataclasses.replace(self, lr=lr, init_scale=init_scale)
+
+    def as_record(self) -> dict[str, Any]:
+        """The settings as a flat dict of plain values (allowed_tokens as a comma-separated string)."""
+        record = dataclasses.asdict(self)
+        if self.allowed_tokens is not None:
+            record["allowed_tokens"] = ",".join(str(t) for t in self.allowed_tokens)
+        return record
+
+
+@dataclass
+class ProbeResult:
+    """Per-row results of one probe; row r is (block[r], mask[r], prompt_index[r]).
+
+    Token tensors cover the prompt's T positions; `real_mask` marks the real
+    (non-padding) ones, over which every accuracy is taken.
+    """
+
+    block: Tensor  # (R,) long
+    mask: Tensor  # (R,) long
+    prompt_index: Tensor  # (R,) long
+    target_ids: Tensor  # (R, T) long
+    real_mask: Tensor  # (R, T) bool
+    recovered_ids: Tensor  # (R, T) long, top-1
+    topk_ids: Tensor  # (R, T, k) long, best first
+    self_acc: Tensor  # (R,) float64
+    nonself_acc: Tensor  # (R,) float64, NaN where m = 0
+    self_topk_acc: Tensor  # (R,) float64
+    nonself_topk_acc: Tensor  # (R,) float64, NaN where m = 0
+    exact: Tensor  # (R,) bool: every real position recovered
+    loss: Tensor  # (R,) final per-row loss
+    distance_ratio: Tensor  # (R,) < 1: as close as the shifted true input
+    counts: dict[str, Tensor]  # (R,) long each: n_real, n_self, n_nonself, *_correct
+    steps_run: Tensor  # (R,) long: steps actually run (fewer with patience)
+    settings: ProbeSettings = field(default_factory=ProbeSettings)  # resolved
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict of plain Python values per row (ids cut to the real length, NaN -> None)."""
+        record = self.settings.as_record()
+        out = []
+        for r in range(self.block.shape[0]):
+            n = int(self.counts["n_real"][r])
+            row: dict[str, Any] = {
+                "prompt_index": int(self.prompt_index[r]),
+                "block": int(self.block[r]),
+                "mask": int(self.mask[r]),
+                "target_ids": self.target_ids[r, :n].tolist(),
+                "recovered_ids": self.recovered_ids[r, :n].tolist(),
+                "topk_ids": self.topk_ids[r, :n].tolist(),
+            }
+            for name in ("self_acc", "nonself_acc", "self_topk_acc", "nonself_topk_acc"):
+                row[name] = _float_or_none(getattr(self, name)[r])
+            row["exact"] = bool(self.exact[r])
+            row["final_loss"] = _float_or_none(self.loss[r])
+            row["distance_ratio"] = _float_or_none(self.distance_ratio[r])
+            row.update({name: int(value[r]) for name, value in self.counts.items()})
+            row["steps_run"] = int(self.steps_run[r])
+            row.update(record)
+            out.append(row)
+        return out
+
+
+def _float_or_none(x: Tensor) -> float | None:
+    """A scalar tensor as a float, NaN as None."""
+    value = float(x)
+    return None if math.isnan(value) else value
+
+
+# ---------------------------------------------------------------- pieces of the engine
+
+
+def _generator(seed: int, prompt_index: int, stream: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, prompt index, stream)."""
+    return torch.Generator().manual_seed(((seed * _SEED_STRIDE + prompt_index) * 2 + stream) % (2**63))
+
+
+def _prompt_noise(prompt_indices: Sequence[int], shape: tuple[int, int], seed: int, stream: int,
+                  device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Unit Gaussian noise (B, *shape), one independent draw per prompt index."""
+    draws = [torch.randn(shape, generator=_generator(seed, int(i), stream)) for i in prompt_indices]
+    return torch.stack(draws).to(device=device, dtype=dtype)
+
+
+def _forward_rows(model: nn.Module, x: Tensor, alive: list[int]) -> Tensor:
+    """Each row's hidden state after its own block, rows sorted by block descending.
+
+    alive[j] = number of rows whose block is >= j (a prefix), alive[k_max + 1] = 0.
+    """
+    pieces = []
+    h = x  # (alive[0], t, d): state after j blocks for the rows that need it
+    for j in range(len(alive) - 1):
+        pieces.append(h[alive[j + 1]:])  # rows whose block is j are done
+        if alive[j + 1] > 0:
+            h = model.run_blocks(h[: alive[j + 1]], j, j + 1)
+    return torch.cat(pieces[::-1])  # deepest block first = row order
+
+
+def _row_losses(out: Tensor, target: Tensor, region: Tensor, settings: ProbeSettings) -> Tensor:
+    """Per-row mean distance over each row's loss region (R, T) -> (R,)."""
+    weight = region.to(out.dtype)  # (R, T)
+    n_pos = weight.sum(1).clamp_min(1)
+    d = out.shape[-1]
+
+    def elementwise(values: Tensor) -> Tensor:
+        return (values.sum(-1) * weight).sum(1) / (n_pos * d)
+
+    def cosine() -> Tensor:
+        dist = 1 - nn.functional.cosine_similarity(out, target, dim=-1)  # (R, T)
+        return (dist * weight).sum(1) / n_pos
+
+    if settings.loss == "l1":
+        return elementwise((out - target).abs())
+    if settings.loss == "l2":
+        return elementwise((out - target).square())
+    if settings.loss == "cosine":
+        return cosine()
+    w = settings.mix_weight
+    return (1 - w) * elementwise((out - target).abs()) + w * cosine()
+
+
+def _row_weights(region: Tensor, d: int, settings: ProbeSettings) -> Tensor:
+    """What each row's mean loss is multiplied by in the summed objective.
+
+    Adam is invariant to a row's loss scale, so it takes the plain sum of means.
+    GD follows the source, which descends the distance itself (||.||_1 is a sum):
+    scaling the mean by the region's element count makes its lr independent of
+    T, m and d. Either way the weight is a per-row constant, so batching rows
+    changes nothing.
+    """
+    if settings.optimizer == "adam":
+        return torch.ones(region.shape[0], dtype=torch.float32, device=region.device)
+    return region.sum(1).to(torch.float32) * d
+
+
+def _decode(x_or_logits: Tensor, pinv: Tensor | None, settings: ProbeSettings) -> Tensor:
+    """Decoding logits (R, T, V) over the allowed vocabulary: x @ pinv(W_E), or onehot logits as they are."""
+    logits = x_or_logits if pinv is None else x_or_logits @ pinv
+    if settings.allowed_tokens is not None:
+        logits = logits[..., settings.allowed_tokens]
+    return logits
+
+
+def _topk_ids(logits: Tensor, k: int, settings: ProbeSettings) -> Tensor:
+    """Top-k token ids (R, T, k), best first, mapped back to vocabulary ids when restricted."""
+    idx = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    if settings.allowed_tokens is not None:
+        idx = torch.tensor(settings.allowed_tokens, device=idx.device)[idx]
+    return idx
+
+
+@dataclass
+class _Rows:
+    """One chunk of rows: what its optimisation needs."""
+
+    target: Tensor  # (R, Tc, d) Y
+    true_embed: Tensor  # (R, Tc, d) E[a]
+    region: Tensor  # (R, Tc) bool: loss positions (>= m)
+    free: Tensor  # (R, Tc, 1) bool: positions that are optimised
+    init: Tensor  # (R, Tc, d) or (R, Tc, V) start
+    shift: Tensor  # (R, Tc, d) baseline noise, already scaled
+    alive: list[int]
+    blocks: list[int]
+    masks: list[int]
+
+
+def _solve(model: nn.Module, rows: _Rows, w_e: Tensor, pinv: Tensor, t_prompt: int,
+           settings: ProbeSettings) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Optimise one chunk; returns (decoding logits (R, T, V'), final loss (R,), ratio (R,), steps run)."""
+    onehot = settings.method == "onehot"
+    param = rows.init.clone().requires_grad_(True)
+    weights = _row_weights(rows.region, w_e.shape[1], settings)
+
+    def assemble() -> Tensor:
+        x = torch.softmax(param, -1) @ w_e if onehot else param
+        return torch.where(rows.free, x, rows.true_embed)  # held positions stay true
+
+    def decoding_logits() -> Tensor:
+        source = param if onehot else assemble()
+        return _decode(source[:, :t_prompt], None if onehot else pinv, settings)
+
+    if settings.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam([param], lr=settings.lr)
+    else:
+        opt = torch.optim.SGD([param], lr=settings.lr)
+    first_bad = torch.full((param.shape[0],), -1, dtype=torch.long, device=param.device)
+    last_ids = None
+    last_change = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
+    decay = (1 - LR_FINAL_FRACTION) / max(settings.steps - 1, 1)
+    steps_run = settings.steps
+    for step in range(settings.steps):
+        opt.param_groups[0]["lr"] = settings.lr * (1 - decay * step)
+        opt.zero_grad(set_to_none=True)
+        row_loss = _row_losses(_forward_rows(model, assemble(), rows.alive), rows.target, rows.region, settings)
+        (row_loss * weights).sum().backward()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(row_loss.detach()), step, first_bad)
+        opt.step()
+        is_last = step == settings.steps - 1
+        if (step + 1) % CHECK_EVERY == 0 or is_last:
+            _raise_if_bad(first_bad, rows)
+            if settings.patience is not None and not is_last:
+                with torch.no_grad():
+                    ids = decoding_logits().argmax(-1)
+                if last_ids is not None:
+                    last_change = torch.where((ids != last_ids).any(1), step, last_change)
+                last_ids = ids
+                if step - int(last_change.max()) >= settings.patience:
+                    steps_run = step + 1
+                    break
+
+    with torch.no_grad():
+        out = _forward_rows(model, assemble(), rows.alive)
+        final = _row_losses(out, rows.target, rows.region, settings)
+        shifted_input = torch.where(rows.free, rows.true_embed + rows.shift, rows.true_embed)
+        shifted = _forward_rows(model, shifted_input, rows.alive)
+        ratio = metrics.distance_ratio(out, shifted, rows.target, rows.region)
+        logits = decoding_logits()
+    bad = ~torch.isfinite(final)
+    if bad.any():
+        first_bad = torch.where(bad, settings.steps, first_bad)
+        _raise_if_bad(first_bad, rows)
+    return logits, final, ratio, steps_run
+
+
+def _raise_if_bad(first_bad: Tensor, rows: _Rows) -> None:
+    """Raise FloatingPointError naming the first non-finite step, block and mask."""
+    bad = first_bad >= 0
+    if bool(bad.any()):
+        r = int(torch.nonzero(bad)[first_bad[bad].argmin()])
+        raise FloatingPointError(
+            f"non-finite probe loss at step {int(first_bad[r])}, block {rows.blocks[r]}, mask {rows.masks[r]}"
+        )
+
+
+class _frozen:
+    """Context manager: model in eval mode with parameters frozen; both restored on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.flags = [p.requires_grad for p in self.model.parameters()]
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p, flag in zip(self.model.parameters(), self.flags):
+            p.requires_grad_(flag)
+        self.model.train(self.was_training)
+
+
+# ---------------------------------------------------------------- the public entry points
+
+
+def probe(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    *,
+    blocks: Sequence[int],
+    masks: Sequence[int],
+    settings: ProbeSettings,
+    pad_token_id: int,
+    prompt_lengths: Tensor | None = None,
+    prompt_indices: Sequence[int] | None = None,
+    pinv: Tensor | None = None,
+) -> ProbeResult:
+    """Invert every block in `blocks` under every mask in `masks` for every prompt (B, T), all at once.
+
+    prompt_lengths (B,) gives real lengths of right-padded prompts (default: all T);
+    prompt_indices (B,) names the prompts (default 0..B-1) and seeds their start
+    noise; pinv is a precomputed pinv(W_E) (d, V).
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"empty prompt set: expected prompt ids of shape (B >= 1, T >= 1), got {tuple(prompt_ids.shape)}")
+    n_prompts, t_prompt = prompt_ids.shape
+    check_length(t_prompt, model.context_length)
+    if len(blocks) == 0 or len(masks) == 0:
+        raise ValueError("no blocks or no masks to probe: give at least one of each")
+    n = model.n_blocks
+    for k in blocks:
+        check_block_range(int(k), n)
+    for m in masks:
+        if not 0 <= int(m) < t_prompt:
+            raise ValueError(f"mask {m} is out of range: masks must be in 0..{t_prompt - 1} for {t_prompt}-token prompts")
+    block_list = sorted({int(k) for k in blocks}, reverse=True)  # deepest first: alive rows are a prefix
+    mask_list = sorted({int(m) for m in masks})
+    if prompt_indices is None:
+        prompt_indices = list(range(n_prompts))
+    if len(prompt_indices) != n_prompts:
+        raise ValueError(f"{len(prompt_indices)} prompt indices for {n_prompts} prompts")
+    device = model.embedding_matrix.device
+    if prompt_lengths is None:
+        prompt_lengths = torch.full((n_prompts,), t_prompt, dtype=torch.long)
+    prompt_lengths = prompt_lengths.to(device=device, dtype=torch.long)
+    if prompt_lengths.shape != (n_prompts,) or bool((prompt_lengths < 1).any() | (prompt_lengths > t_prompt).any()):
+        raise ValueError(f"prompt_lengths must be (B,) = ({n_prompts},) with values in 1..{t_prompt}")
+
+    w_e = model.embedding_matrix.detach()  # (V, d)
+    vocab, d = w_e.shape
+    if settings.allowed_tokens is not None and not all(0 <= t < vocab for t in settings.allowed_tokens):
+        raise ValueError(f"allowed_tokens must be token ids in 0..{vocab - 1}")
+    w_std = float(w_e.std())
+    settings = settings.resolved(model.family, w_std)
+    if pinv is None:
+        pinv = torch.linalg.pinv(w_e)  # (d, V): once per probe call, never per step
+    t_ctx = model.context_length if settings.context == "padded" else t_prompt
+
+    positions = torch.arange(t_ctx, device=device)
+    real = positions[None, :] < prompt_lengths[:, None]  # (B, Tc): real prompt positions
+    ids = torch.full((n_prompts, t_ctx), pad_token_id, dtype=torch.long, device=device)
+    ids[:, :t_prompt] = prompt_ids.to(device)
+    ids = torch.where(real, ids, pad_token_id)
+
+    with _frozen(model):
+        with torch.no_grad():
+            embeds = model.embed(ids)  # (B, Tc, d)
+            states = {0: embeds}
+            h = embeds
+            for j in range(block_list[0]):  # one pass through the blocks for every target
+                h = model.run_blocks(h, j, j + 1)
+                states[j + 1] = h
+            targets = torch.stack([states[k] for k in block_list])  # (n_blocks_probed, B, Tc, d)
+        del states, h
+
+        # Row r = (block, mask, prompt) in block-major order, deepest block first.
+        row_b = torch.arange(len(block_list)).repeat_interleave(len(mask_list) * n_prompts)
+        row_m = torch.arange(len(mask_list)).repeat_interleave(n_prompts).repeat(len(block_list))
+        row_p = torch.arange(n_prompts).repeat(len(block_list) * len(mask_list))
+        row_block = torch.tensor(block_list)[row_b]
+        row_mask = torch.tensor(mask_list)[row_m]
+
+        init_shape = (model.context_length, vocab if settings.method == "onehot" else d)
+        # Drawn at full context length and cut, so a prompt's start does not depend on T either.
+        init = _prompt_noise(prompt_indices, init_shape, settings.seed, _STREAM_INIT, device, w_e.dtype)
+        init = init[:, :t_ctx] * settings.init_scale
+        shift = _prompt_noise(prompt_indices, (model.context_length, d), settings.seed, _STREAM_SHIFT, device, w_e.dtype)
+        shift = shift[:, :t_ctx] * (settings.baseline_shift * w_std)
+
+        n_rows = row_b.shape[0]
+        chunk = settings.max_rows or n_rows
+        logits_parts, loss_parts, ratio_parts, steps_parts = [], [], [], []
+        for start in range(0, n_rows, chunk):
+            sl = slice(start, min(start + chunk, n_rows))
+            rb, rp = row_b[sl].to(device), row_p[sl].to(device)
+            rm = row_mask[sl].to(device)
+            chunk_blocks = row_block[sl].tolist()
+            region = positions[None, :] >= rm[:, None]  # (R, Tc)
+            free = (~region if settings.free == "masked" else torch.ones_like(region))[..., None]
+            rows = _Rows(
+                target=targets[rb, rp], true_embed=embeds[rp], region=region, free=free,
+                init=init[rp], shift=shift[rp],
+                alive=[sum(b >= j for b in chunk_blocks) for j in range(chunk_blocks[0] + 2)],
+                blocks=chunk_blocks, masks=row_mask[sl].tolist(),
+            )
+            logits, final, ratio, steps_run = _solve(model, rows, w_e, pinv, t_prompt, settings)
+            logits_parts.append(_topk_ids(logits, settings.top_k, settings))
+            loss_parts.append(final)
+            ratio_parts.append(ratio)
+            steps_parts.append(torch.full((sl.stop - sl.start,), steps_run, dtype=torch.long))
+
+    topk = torch.cat(logits_parts).cpu()
+    recovered = topk[..., 0]
+    target_ids = ids[:, :t_prompt].cpu()[row_p]
+    real_rows = real[:, :t_prompt].cpu()[row_p]
+    top1 = metrics.recovery(recovered, target_ids, real_rows, row_mask)
+    topk_stats = metrics.topk_recovery(topk, target_ids, real_rows, row_mask)
+    counts = {name: top1[name] for name in ("n_real", "n_self", "n_nonself", "self_correct", "nonself_correct")}
+    counts.update({name: topk_stats[name] for name in ("self_topk_correct", "nonself_topk_correct")})
+    return ProbeResult(
+        block=row_block, mask=row_mask, prompt_index=torch.tensor(list(prompt_indices))[row_p],
+        target_ids=target_ids, real_mask=real_rows, recovered_ids=recovered, topk_ids=topk,
+        self_acc=top1["self_acc"], nonself_acc=top1["nonself_acc"],
+        self_topk_acc=topk_stats["self_topk_acc"], nonself_topk_acc=topk_stats["nonself_topk_acc"],
+        exact=top1["exact"], loss=torch.cat(loss_parts).cpu(), distance_ratio=torch.cat(ratio_parts).cpu(),
+        counts=counts, steps_run=torch.cat(steps_parts), settings=settings,
+    )
+
+
+def calibrate_lr(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    *,
+    grid: Sequence[float] = DEFAULT_CALIBRATION_GRID,
+    settings: ProbeSettings,
+    pad_token_id: int,
+    prompt_lengths: Tensor | None = None,
+) -> tuple[float, dict[float, float]]:
+    """Pick the lr in `grid` with the best block-1 self (m = 0) top-1 recovery, ties to the lower final loss.
+
+    Returns (best lr, {lr: pooled self accuracy}); for a model family with no entry in DEFAULT_LR.
+    """
+    if len(grid) == 0:
+        raise ValueError("empty lr grid")
+    block = min(1, model.n_blocks)
+    scores: dict[float, float] = {}
+    best: tuple[float, float, float] | None = None  # (-acc, loss, lr)
+    for lr in grid:
+        try:
+            result = probe(model, prompt_ids, blocks=[block], masks=[0], pad_token_id=pad_token_id,
+                           prompt_lengths=prompt_lengths, settings=dataclasses.replace(settings, lr=float(lr)))
+        except FloatingPointError:  # an lr that diverges scores nothing
+            scores[float(lr)] = 0.0
+            continue
+        acc = float(result.counts["self_correct"].sum()) / max(int(result.counts["n_self"].sum()), 1)
+        loss = float(result.loss.mean())
+        scores[float(lr)] = acc
+        candidate = (-acc, loss if math.isfinite(loss) else math.inf, float(lr))
+        if best is None or candidate < best:
+            best = candidate
+    assert best is not None
+    return best[2], scores
