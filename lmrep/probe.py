@@ -284,19 +284,22 @@ def _row_weights(region: Tensor, d: int, settings: ProbeSettings) -> Tensor:
     return region.sum(1).to(torch.float32) * d
 
 
-def _decode(x_or_logits: Tensor, pinv: Tensor | None, settings: ProbeSettings) -> Tensor:
-    """Decoding logits (R, T, V) over the allowed vocabulary: x @ pinv(W_E), or onehot logits as they are."""
-    logits = x_or_logits if pinv is None else x_or_logits @ pinv
-    if settings.allowed_tokens is not None:
-        logits = logits[..., settings.allowed_tokens]
+def decoding_logits(x: Tensor, pinv: Tensor | None, allowed_tokens: Sequence[int] | None = None) -> Tensor:
+    """Decoding scores (..., V'): x @ pinv(W_E) for embeddings, or x itself for onehot logits (pinv None).
+
+    With allowed_tokens, only their columns are kept (V' = len(allowed_tokens)).
+    """
+    logits = x if pinv is None else x @ pinv
+    if allowed_tokens is not None:
+        logits = logits[..., list(allowed_tokens)]
     return logits
 
 
-def _topk_ids(logits: Tensor, k: int, settings: ProbeSettings) -> Tensor:
-    """Top-k token ids (R, T, k), best first, mapped back to vocabulary ids when restricted."""
+def topk_ids(logits: Tensor, k: int, allowed_tokens: Sequence[int] | None = None) -> Tensor:
+    """Top-k token ids (..., k), best first, from `decoding_logits` (mapped back to vocabulary ids)."""
     idx = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-    if settings.allowed_tokens is not None:
-        idx = torch.tensor(settings.allowed_tokens, device=idx.device)[idx]
+    if allowed_tokens is not None:
+        idx = torch.tensor(list(allowed_tokens), device=idx.device)[idx]
     return idx
 
 
@@ -326,9 +329,9 @@ def _solve(model: nn.Module, rows: _Rows, w_e: Tensor, pinv: Tensor, t_prompt: i
         x = torch.softmax(param, -1) @ w_e if onehot else param
         return torch.where(rows.free, x, rows.true_embed)  # held positions stay true
 
-    def decoding_logits() -> Tensor:
+    def decode() -> Tensor:
         source = param if onehot else assemble()
-        return _decode(source[:, :t_prompt], None if onehot else pinv, settings)
+        return decoding_logits(source[:, :t_prompt], None if onehot else pinv, settings.allowed_tokens)
 
     if settings.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam([param], lr=settings.lr)
@@ -351,7 +354,7 @@ def _solve(model: nn.Module, rows: _Rows, w_e: Tensor, pinv: Tensor, t_prompt: i
             _raise_if_bad(first_bad, rows)
             if settings.patience is not None and not is_last:
                 with torch.no_grad():
-                    ids = decoding_logits().argmax(-1)
+                    ids = decode().argmax(-1)
                 if last_ids is not None:
                     last_change = torch.where((ids != last_ids).any(1), step, last_change)
                 last_ids = ids
@@ -365,7 +368,7 @@ def _solve(model: nn.Module, rows: _Rows, w_e: Tensor, pinv: Tensor, t_prompt: i
         shifted_input = torch.where(rows.free, rows.true_embed + rows.shift, rows.true_embed)
         shifted = _forward_rows(model, shifted_input, rows.alive)
         ratio = metrics.distance_ratio(out, shifted, rows.target, rows.region)
-        logits = decoding_logits()
+        logits = decode()
     bad = ~torch.isfinite(final)
     if bad.any():
         first_bad = torch.where(bad, settings.steps, first_bad)
@@ -506,7 +509,7 @@ def probe(
                 blocks=chunk_blocks, masks=row_mask[sl].tolist(),
             )
             logits, final, ratio, steps_run = _solve(model, rows, w_e, pinv, t_prompt, settings)
-            logits_parts.append(_topk_ids(logits, settings.top_k, settings))
+            logits_parts.append(topk_ids(logits, settings.top_k, settings.allowed_tokens))
             loss_parts.append(final)
             ratio_parts.append(ratio)
             steps_parts.append(torch.full((sl.stop - sl.start,), steps_run, dtype=torch.long))
