@@ -1,0 +1,170 @@
+"""Checkpoints: one at step 0 before any update, every N steps, and last; safe loading.
+
+A checkpoint is a Lightning checkpoint with lmrep's metadata under
+`checkpoint["lmrep"]`: the model family and config (enough to rebuild it), the
+tokenizer's hash and its JSON (so a checkpoint decodes on its own), and the step.
+Loading never executes pickled code (`torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+from lmrep.module import CHECKPOINT_KEY
+from models import build_model
+
+STEP_FILENAME = "step={step:06d}"  # zero-padded so names sort in step order
+_STEP_PATTERN = re.compile(r"step=(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not match what it is used with."""
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also writes `step=000000.ckpt` before the first update.
+
+    Lightning has no option for a step-0 checkpoint; probing needs the untrained
+    weights of the same run. Every N steps and `last.ckpt` come from ModelCheckpoint.
+    The step-0 file is written once: a resumed run never overwrites it.
+    """
+
+    def __init__(self, *, dirpath: str | None = None, every_n_train_steps: int = 100, save_last: bool = True) -> None:
+        """
+        Args:
+            dirpath: where checkpoints go; default `<trainer.default_root_dir>/checkpoints`.
+            every_n_train_steps: save a checkpoint every this many optimiser steps.
+            save_last: also keep `last.ckpt`, the one a resumed run starts from.
+        """
+        super().__init__(
+            dirpath=dirpath,
+            filename=STEP_FILENAME,
+            auto_insert_metric_name=False,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=-1,
+            save_last=save_last,
+            enable_version_counter=False,
+        )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.global_step != 0:
+            return
+        path = Path(self.dirpath) / f"{STEP_FILENAME.format(step=0)}{self.FILE_EXTENSION}"
+        if not path.exists():
+            self._save_checkpoint(trainer, str(path))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # ModelCheckpoint only saves on its N-step grid; the final step must be kept too.
+        if self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model rebuilt from a checkpoint, with what it was trained with."""
+
+    path: Path
+    model: nn.Module
+    step: int
+    spec: dict[str, Any]
+    tokenizer_hash: str | None
+    tokenizer: PreTrainedTokenizerFast | None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's raw dict without executing pickled code; clear errors for bad files."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, not a checkpoint, or unsafe): {first}") from err
+    if not isinstance(raw, dict) or CHECKPOINT_KEY not in raw or "state_dict" not in raw:
+        raise CheckpointError(f"{path} is not an lmrep checkpoint (no model metadata)")
+    return raw
+
+
+def load_checkpoint(path: str | Path, *, tokenizer_hash: str | None = None) -> LoadedCheckpoint:
+    """Rebuild the model of a checkpoint; error if it was trained with another tokenizer."""
+    path = Path(path)
+    raw = read_checkpoint(path)
+    meta = raw[CHECKPOINT_KEY]
+    saved_hash = meta.get("tokenizer_hash")
+    if tokenizer_hash is not None and saved_hash is not None and saved_hash != tokenizer_hash:
+        raise CheckpointError(
+            f"{path} was trained with tokenizer {saved_hash}, not the given tokenizer {tokenizer_hash}"
+        )
+    model = build_model(**meta["model"])
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match its model config: {str(err).splitlines()[0]}") from err
+    model.eval()
+    tokenizer = tokenizer_from_json(meta["tokenizer_json"]) if meta.get("tokenizer_json") else None
+    return LoadedCheckpoint(
+        path=path,
+        model=model,
+        step=int(meta.get("step", raw.get("global_step", 0))),
+        spec=meta["model"],
+        tokenizer_hash=saved_hash,
+        tokenizer=tokenizer,
+    )
+
+
+def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    """Rebuild the tokenizer stored inside a checkpoint."""
+    from tokenizers import Tokenizer
+
+    from data.tokenizer import EOS_TOKEN, PAD_TOKEN
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint's file name (`step=000100.ckpt` -> 100), or None (e.g. last.ckpt)."""
+    match = _STEP_PATTERN.search(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Every checkpoint in a directory in step order; `last.ckpt` only if its step has no file of its own."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    by_step: dict[int, Path] = {}
+    for path in sorted(directory.glob("*.ckpt")):
+        step = checkpoint_step(path)
+        if step is not None:
+            by_step[step] = path
+    last = directory / "last.ckpt"
+    if last.exists():
+        step = int(read_checkpoint(last)[CHECKPOINT_KEY].get("step", -1))
+        by_step.setdefault(step, last)
+    if not by_step:
+        raise CheckpointError(f"no checkpoints (*.ckpt) in {directory}")
+    return [by_step[s] for s in sorted(by_step)]

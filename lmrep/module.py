@@ -1,0 +1,151 @@
+"""The LightningModule shared by every model family: loss, optimiser, one step.
+
+The model is passed in (any `models/` family); this module owns the next-token
+loss (never counted on padding), AdamW with warm-up then cosine decay, and the
+checkpoint metadata that lets a checkpoint rebuild its model and name the
+tokenizer it was trained with.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from models import model_spec
+
+IGNORE_INDEX = -100  # label value of padding positions (HF convention)
+CHECKPOINT_KEY = "lmrep"  # where lmrep's own metadata lives inside a Lightning checkpoint
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of predicting labels[:, 1:] from logits[:, :-1], and the token count."""
+    targets = labels[:, 1:]  # (b, t-1)
+    n_tokens = targets.ne(IGNORE_INDEX).sum()
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),  # (b*(t-1), vocab)
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+    return loss, n_tokens
+
+
+class LanguageModelModule(L.LightningModule):
+    """Causal language modelling of any lmrep model family."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        """
+        Args:
+            model: a model family from `models/` (mixer or llama), built from its config.
+            lr: peak AdamW learning rate, reached after the warm-up.
+            weight_decay: AdamW weight decay on matrices (not on biases, norms or embeddings).
+            betas: AdamW betas.
+            warmup_steps: linear warm-up from 0 to `lr` over this many optimiser steps.
+            min_lr_ratio: cosine decay ends at `lr * min_lr_ratio` at the run's last step.
+        """
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+        self.val_loss = MeanMetric()
+        # Set from the data module at fit time; checked against a resumed checkpoint.
+        self.tokenizer_hash: str | None = None
+        self.tokenizer_json: str | None = None
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Token ids (b, t) -> logits (b, t, vocab)."""
+        return self.model(ids)
+
+    def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self.model(batch["input_ids"])  # (b, t, vocab)
+        return next_token_loss(logits, batch["labels"])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _ = self._shared_step(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, n_tokens = self._shared_step(batch)
+        # Token-weighted, so the epoch value is the exact per-token loss (also under DDP).
+        self.val_loss.update(loss, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_embedding = "embed" in name or "wte" in name
+            (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            self.tokenizer_hash = datamodule.tokenizer_hash
+            self.tokenizer_json = datamodule.tokenizer_file.read_text(encoding="utf-8")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "model": model_spec(self.model),
+            "tokenizer_hash": self.tokenizer_hash,
+            "tokenizer_json": self.tokenizer_json,
+            "step": int(self.global_step),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY, {})
+        saved = meta.get("tokenizer_hash")
+        if saved and self.tokenizer_hash and saved != self.tokenizer_hash:
+            raise ValueError(
+                f"checkpoint was trained with tokenizer {saved}, but the data module's tokenizer is "
+                f"{self.tokenizer_hash}: resume with the same tokenizer"
+            )
+        if meta.get("model") and meta["model"] != model_spec(self.model):
+            raise ValueError(
+                f"checkpoint holds a {meta['model']} model, but the config builds {model_spec(self.model)}"
+            )
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
