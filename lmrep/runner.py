@@ -1,0 +1,244 @@
+"""Probing runs: models and prompts in, result rows on disk.
+
+Sits between the engine (`lmrep.probe`, tensors only) and the report: it turns
+text prompts into token ids, probes a model (an untrained one, one checkpoint,
+or a directory of them in step order), adds the text and identity of every row,
+and keeps `results.jsonl` up to date atomically after every checkpoint so that
+an interrupted run resumes where it stopped and a re-run skips finished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from lmrep.checkpoints import LoadedCheckpoint, list_checkpoints, load_checkpoint
+from lmrep.probe import ProbeSettings, probe
+
+RESULTS_FILE = "results.jsonl"
+# Settings that may differ between rows of one results file (they are row keys, not settings).
+_ROW_KEY_SETTINGS = ("context",)
+
+
+@dataclass
+class PromptSet:
+    """Prompts as right-padded token ids, with their real lengths and texts."""
+
+    ids: torch.Tensor  # (B, T) long
+    lengths: torch.Tensor  # (B,) long
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def encode_prompts(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, *,
+                   max_tokens: int | None = None) -> PromptSet:
+    """Tokenize prompts (cut to max_tokens when given) and right-pad them with the pad token."""
+    if len(texts) == 0:
+        raise ValueError("empty prompt set: give at least one prompt")
+    encoded = []
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        if not ids:
+            raise ValueError(f"prompt {i} tokenizes to nothing: {text!r}")
+        encoded.append(ids)
+    t = max(len(ids) for ids in encoded)
+    batch = torch.full((len(encoded), t), tokenizer.pad_token_id, dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        batch[i, : len(ids)] = torch.tensor(ids)
+    texts = [tokenizer.decode(ids) for ids in encoded]  # what is actually probed, after cutting
+    return PromptSet(ids=batch, lengths=torch.tensor([len(ids) for ids in encoded]), texts=texts)
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"empty prompt set: {path} has no non-empty lines")
+    return prompts
+
+
+def validation_prompts(n: int, data_dir: str | Path | None = None) -> list[str]:
+    """The first n TinyStories validation stories (the default prompt set)."""
+    from data.tinystories import default_data_dir, read_local_stories
+
+    stories = read_local_stories(Path(data_dir) if data_dir else default_data_dir(), "validation")
+    return stories[:n]
+
+
+def parse_blocks(spec: str | Sequence[int], n_blocks: int) -> list[int]:
+    """'all' -> 1..n; '1,4,8' or [1, 4, 8] -> that list, checked against the model."""
+    if isinstance(spec, str):
+        if spec.strip() == "all":
+            return list(range(1, n_blocks + 1))
+        blocks = parse_ints(spec, "blocks")
+    else:
+        blocks = [int(b) for b in spec]
+    bad = [b for b in blocks if not 0 <= b <= n_blocks]
+    if bad:
+        raise ValueError(f"block(s) {bad} out of range: this model has blocks 0..{n_blocks}")
+    return blocks
+
+
+def parse_ints(spec: str, what: str) -> list[int]:
+    """'0,1,3' -> [0, 1, 3] with a clear error."""
+    try:
+        values = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma-separated list of integers, got {spec!r}") from None
+    if not values:
+        raise ValueError(f"no {what} given")
+    return values
+
+
+def settings_id(settings: ProbeSettings, blocks: Sequence[int], masks: Sequence[int],
+                prompts: PromptSet) -> str:
+    """A short hash of everything that decides a row's numbers but is not a row key."""
+    record = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _ROW_KEY_SETTINGS}
+    record["prompts"] = prompts.ids.tolist()
+    record["lengths"] = prompts.lengths.tolist()
+    text = json.dumps(record, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def probe_rows(model: nn.Module, prompts: PromptSet, tokenizer: PreTrainedTokenizerFast, *,
+               blocks: Sequence[int], masks: Sequence[int], settings: ProbeSettings, step: int,
+               source: str, pinv: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """Probe one model and return one plain row per (block, mask, prompt) with its text."""
+    result = probe(model, prompts.ids, blocks=blocks, masks=masks, settings=settings,
+                   pad_token_id=tokenizer.pad_token_id, prompt_lengths=prompts.lengths, pinv=pinv)
+    rows = []
+    for row in result.rows():
+        row["prompt"] = prompts.texts[row["prompt_index"]]
+        row["recovered_text"] = tokenizer.decode(row["recovered_ids"])
+        row["recovered_tokens"] = tokenizer.convert_ids_to_tokens(row["recovered_ids"])
+        row["target_tokens"] = tokenizer.convert_ids_to_tokens(row["target_ids"])
+        row["loss"] = row["final_loss"]
+        row.update(step=step, checkpoint=source, family=model.family)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- results file
+
+
+def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of `out_dir/results.jsonl` ([] if none)."""
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path via a temp file in the same directory and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(out_dir: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Replace `results.jsonl` atomically with these rows."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    write_atomic(Path(out_dir) / RESULTS_FILE, text)
+
+
+# ---------------------------------------------------------------- probing runs
+
+
+@dataclass
+class ModelSource:
+    """A model to probe: a checkpoint file, or an untrained model built in memory."""
+
+    name: str
+    step: int
+    path: Path | None = None
+    model: nn.Module | None = None
+
+    def load(self, tokenizer_hash: str | None) -> nn.Module:
+        if self.model is not None:
+            return self.model
+        return load_checkpoint(self.path, tokenizer_hash=tokenizer_hash).model
+
+
+def checkpoint_sources(path: str | Path) -> list[ModelSource]:
+    """A checkpoint file, or every checkpoint of a directory in step order."""
+    path = Path(path)
+    paths = list_checkpoints(path) if path.is_dir() else [path]
+    sources = []
+    for p in paths:
+        loaded: LoadedCheckpoint = load_checkpoint(p)  # validates the file before any probing starts
+        sources.append(ModelSource(name=p.name, step=loaded.step, path=p))
+    return sources
+
+
+def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: PreTrainedTokenizerFast, *,
+              blocks_spec: str | Sequence[int], masks: Sequence[int], settings: ProbeSettings,
+              contexts: Sequence[str], out_dir: str | Path, tokenizer_hash: str | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Probe every source in every context, appending to `out_dir/results.jsonl` after each.
+
+    Work already in the results file with the same settings is skipped; a results
+    file made with other settings is an error, never mixed.
+    """
+    out_dir = Path(out_dir)
+    existing = read_results(out_dir)
+    rows = list(existing)
+    done = {(r["checkpoint"], r["step"], r["context"], r["block"], r["mask"]) for r in existing}
+    bar = tqdm(total=len(sources) * len(contexts), desc="probing", unit="run", disable=not progress)
+    for source in sources:
+        model = None
+        for context in contexts:
+            bar.set_postfix_str(f"{source.name} {context}")
+            run_settings = dataclasses.replace(settings, context=context)
+            if model is None:
+                model = source.load(tokenizer_hash)
+                blocks = parse_blocks(blocks_spec, model.n_blocks)
+                pinv = torch.linalg.pinv(model.embedding_matrix.detach())  # once per checkpoint
+                sid = settings_id(run_settings.resolved(model.family, float(model.embedding_matrix.std())),
+                                  blocks, masks, prompts)
+                others = {r.get("settings_id") for r in existing} - {sid}
+                if others:
+                    raise ValueError(f"{out_dir / RESULTS_FILE} holds results made with other settings "
+                                     f"({', '.join(sorted(map(str, others)))}): use another --out")
+            todo = [k for k in blocks if any((source.name, source.step, context, k, m) not in done for m in masks)]
+            if todo:
+                new = probe_rows(model, prompts, tokenizer, blocks=todo, masks=masks, settings=run_settings,
+                                 step=source.step, source=source.name, pinv=pinv)
+                for row in new:
+                    row["settings_id"] = sid
+                redo = {(source.name, source.step, context, k) for k in todo}
+                rows = [r for r in rows if (r["checkpoint"], r["step"], r["context"], r["block"]) not in redo] + new
+                write_results(out_dir, rows)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def iter_steps(rows: Iterable[dict[str, Any]]) -> Iterator[int]:
+    """The distinct training steps of result rows, in order."""
+    yield from sorted({int(r["step"]) for r in rows})
