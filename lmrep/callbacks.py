@@ -108,3 +108,120 @@ class SampleGenerations(L.Callback):
             trainer.progress_bar_callback.print(message)  # keeps the bar intact
         else:
             print(message)
+
+
+class ProbeCallback(L.Callback):
+    """Inverts every block at step 0 and at checkpoint steps, into the training run.
+
+    Results go to `<run_dir>/probe/results.jsonl` (resumable like probe.py's), the
+    recovery curves into the run's W&B logger, and at the end of training the
+    plots and report.html into `<run_dir>/probe/`. So one run holds both the loss
+    curve and the invertibility curves.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_prompts: int = 4,
+        tokens: int = 16,
+        prompts: list[str] | None = None,
+        blocks: str = "all",
+        masks: list[int] | None = None,
+        contexts: list[str] | None = None,
+        steps: int = 500,
+        patience: int | None = None,
+        every_n_train_steps: int | None = None,
+        out_subdir: str = "probe",
+    ) -> None:
+        """
+        Args:
+            num_prompts: validation stories used as prompts (when `prompts` is not given).
+            tokens: cut each prompt to this many tokens.
+            prompts: explicit prompts instead of validation stories.
+            blocks: 'all' or a list like '1,4,8'.
+            masks: masks m to probe (default [0, 1]).
+            contexts: 'prompt' and/or 'padded' (default both).
+            steps: optimisation steps per inversion.
+            patience: stop an inversion early once decodes are stable this many steps.
+            every_n_train_steps: probe every this many steps; default: the checkpoint interval.
+            out_subdir: results directory inside the run directory.
+        """
+        self.num_prompts = num_prompts
+        self.tokens = tokens
+        self.prompts = prompts
+        self.blocks = blocks
+        self.masks = masks or [0, 1]
+        self.contexts = contexts or ["prompt", "padded"]
+        self.steps = steps
+        self.patience = patience
+        self.every_n_train_steps = every_n_train_steps
+        self.out_subdir = out_subdir
+        self._probed: set[int] = set()
+
+    def _interval(self, trainer: L.Trainer) -> int:
+        if self.every_n_train_steps is not None:
+            return self.every_n_train_steps
+        from lmrep.checkpoints import StepCheckpoint
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, StepCheckpoint) and callback._every_n_train_steps:
+                return callback._every_n_train_steps
+        raise ValueError("ProbeCallback needs every_n_train_steps or a StepCheckpoint to follow")
+
+    def _out_dir(self, trainer: L.Trainer):
+        from pathlib import Path
+
+        return Path(trainer.default_root_dir) / self.out_subdir
+
+    @rank_zero_only
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lmrep.probe import ProbeSettings
+        from lmrep.report import summary_table, wandb_scalars
+        from lmrep.runner import ModelSource, encode_prompts, run_probe
+
+        step = trainer.global_step
+        if step in self._probed:
+            return
+        self._probed.add(step)
+        datamodule = trainer.datamodule
+        tokenizer = datamodule.tokenizer
+        texts = self.prompts or datamodule.validation_texts(self.num_prompts)
+        prompts = encode_prompts(texts, tokenizer, max_tokens=self.tokens)
+        settings = ProbeSettings(steps=self.steps, patience=self.patience)
+        source = ModelSource(name=f"step={step:06d}", step=step, model=pl_module.model)
+        rows = run_probe([source], prompts, tokenizer, blocks_spec=self.blocks, masks=self.masks,
+                         settings=settings, contexts=self.contexts, out_dir=self._out_dir(trainer), progress=False)
+        summary = summary_table([r for r in rows if r["step"] == step])
+        for logger in trainer.loggers:
+            logger.log_metrics(wandb_scalars(summary, step), step=step)
+        best = [s for s in summary if s["mask"] == max(self.masks)]
+        line = ", ".join(f"b{s['block']} {s['context']} {s['nonself_acc'] or 0:.2f}" for s in best)
+        message = f"[step {step}] probe non-self recovery (m={max(self.masks)}): {line}"
+        if trainer.progress_bar_callback is not None:
+            trainer.progress_bar_callback.print(message)
+        else:
+            print(message)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._probe(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self._interval(trainer) == 0:
+            self._probe(trainer, pl_module)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lmrep.report import summary_table, wandb_charts, wandb_table, write_report
+        from lmrep.runner import read_results
+
+        self._probe(trainer, pl_module)
+        rows = read_results(self._out_dir(trainer))
+        if not rows:
+            return
+        write_report(rows, self._out_dir(trainer), title=f"{pl_module.model.family} run {trainer.default_root_dir}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.log({**wandb_charts(summary_table(rows)), "probe/reconstructions": wandb_table(rows)})

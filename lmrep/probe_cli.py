@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from lmrep.checkpoints import CheckpointError, load_checkpoint
-from lmrep.loggers import has_wandb_credentials
+from lmrep.loggers import finish_writing, has_wandb_credentials
 from lmrep.probe import CONTEXTS, FREES, LOSSES, METHODS, OPTIMIZERS, ProbeSettings, calibrate_lr
 from lmrep.report import summary_table, wandb_charts, wandb_scalars, wandb_table, write_report
 from lmrep.runner import (ModelSource, PromptSet, checkpoint_sources, encode_prompts, parse_blocks, parse_ints,
@@ -118,6 +118,7 @@ def log_wandb(rows: list[dict[str, Any]], out_dir: Path, settings: dict[str, Any
         run.log({"train_step": step, **wandb_scalars(summary, step)})
     run.log({**wandb_charts(summary), "reconstructions": wandb_table(rows)})
     run.finish()
+    finish_writing()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,9 +109,12 @@ def parse_ints(spec: str, what: str) -> list[int]:
     return values
 
 
-def settings_id(settings: ProbeSettings, blocks: Sequence[int], masks: Sequence[int],
-                prompts: PromptSet) -> str:
-    """A short hash of everything that decides a row's numbers but is not a row key."""
+def settings_id(settings: ProbeSettings, prompts: PromptSet) -> str:
+    """A short hash of the requested settings and prompts: what decides a row's numbers but is not a row key.
+
+    Taken before per-model defaults are filled in (the start scale follows each
+    checkpoint's embedding std), so every checkpoint of a run shares one id.
+    """
     record = {k: v for k, v in dataclasses.asdict(settings).items() if k not in _ROW_KEY_SETTINGS}
     record["prompts"] = prompts.ids.tolist()
     record["lengths"] = prompts.lengths.tolist()
@@ -209,6 +212,11 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
     existing = read_results(out_dir)
     rows = list(existing)
     done = {(r["checkpoint"], r["step"], r["context"], r["block"], r["mask"]) for r in existing}
+    sid = settings_id(settings, prompts)
+    others = {r.get("settings_id") for r in existing} - {sid}
+    if others:
+        raise ValueError(f"{out_dir / RESULTS_FILE} holds results made with other settings "
+                         f"({', '.join(sorted(map(str, others)))}): use another --out")
     bar = tqdm(total=len(sources) * len(contexts), desc="probing", unit="run", disable=not progress)
     for source in sources:
         model = None
@@ -219,12 +227,6 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
                 model = source.load(tokenizer_hash)
                 blocks = parse_blocks(blocks_spec, model.n_blocks)
                 pinv = torch.linalg.pinv(model.embedding_matrix.detach())  # once per checkpoint
-                sid = settings_id(run_settings.resolved(model.family, float(model.embedding_matrix.std())),
-                                  blocks, masks, prompts)
-                others = {r.get("settings_id") for r in existing} - {sid}
-                if others:
-                    raise ValueError(f"{out_dir / RESULTS_FILE} holds results made with other settings "
-                                     f"({', '.join(sorted(map(str, others)))}): use another --out")
             todo = [k for k in blocks if any((source.name, source.step, context, k, m) not in done for m in masks)]
             if todo:
                 new = probe_rows(model, prompts, tokenizer, blocks=todo, masks=masks, settings=run_settings,
@@ -237,8 +239,3 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
             bar.update(1)
     bar.close()
     return rows
-
-
-def iter_steps(rows: Iterable[dict[str, Any]]) -> Iterator[int]:
-    """The distinct training steps of result rows, in order."""
-    yield from sorted({int(r["step"]) for r in rows})

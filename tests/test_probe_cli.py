@@ -1,0 +1,93 @@
+"""probe.py end to end: outputs and their schema, W&B curves, checkpoint directories, ProbeCallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmrep.cli import main as train_main
+from lmrep.loggers import read_offline_history
+from lmrep.probe_cli import main as probe_main
+from lmrep.runner import read_results
+from tests.conftest import tiny_config
+
+ROW_FIELDS = {"step", "block", "mask", "context", "free", "prompt_index", "prompt", "target_ids", "recovered_ids",
+              "recovered_text", "self_acc", "nonself_acc", "self_topk_acc", "nonself_topk_acc", "exact", "loss",
+              "distance_ratio", "method", "optimizer", "lr", "steps", "settings_id", "checkpoint"}
+PROMPTS = ["Once upon a time, there was a little dog.", "Lily liked to play in the park with her ball.",
+           "The sun was hot, so Tom went to swim."]
+
+
+@pytest.fixture()
+def prompt_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def test_untrained_probe_writes_every_output(tmp_path: Path, data_cache: Path, prompt_file: Path) -> None:
+    config = tiny_config(tmp_path / "flat.yaml", "flat", tmp_path / "run", data_cache, steps=1, every=1, d=64)
+    out = tmp_path / "probe"
+    code = probe_main(["--init", str(config), "--seed", "0", "--prompts", str(prompt_file), "--mask", "0,1",
+                       "--context", "prompt,padded", "--steps", "150", "--out", str(out)])
+    assert code == 0
+    for name in ("results.jsonl", "summary.csv", "summary.json", "report.html", "curves_prompt.png",
+                 "curves_padded.png", "heatmap_prompt.png", "heatmap_padded.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = read_results(out)
+    assert len(rows) == 2 * 2 * len(PROMPTS) * 2  # blocks x masks x prompts x contexts
+    for row in rows:
+        assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert (row["nonself_acc"] is None) == (row["mask"] == 0)
+        assert len(row["recovered_ids"]) == len(row["target_ids"])
+    block1_self = [r["self_acc"] for r in rows if r["block"] == 1 and r["mask"] == 0]
+    assert min(block1_self) == 1.0  # an untrained d=64 flat mixer inverts exactly at block 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(s["block"], s["mask"], s["context"]) for s in summary} == {
+        (b, m, c) for b in (1, 2) for m in (0, 1) for c in ("prompt", "padded")}
+    html = (out / "report.html").read_text()
+    assert "class=\"ok\"" in html and "padded" in html
+
+    history = read_offline_history(out)
+    keys = set().union(*history)
+    for context in ("prompt", "padded"):
+        for block in (1, 2):
+            assert f"probe/{context}/self/m0/block_{block}" in keys
+            assert f"probe/{context}/nonself/m1/block_{block}" in keys
+    assert any(row.get("train_step") == 0 for row in history)
+
+
+def test_probe_checkpoint_directory_resumes_and_refuses_mixing(tmp_path: Path, data_cache: Path,
+                                                                prompt_file: Path) -> None:
+    run = tmp_path / "run"
+    train_main(["fit", "--config", str(tiny_config(tmp_path / "t.yaml", "flat", run, data_cache, steps=4, every=2))])
+    out = tmp_path / "probe"
+    args = ["--checkpoint", str(run / "checkpoints"), "--prompts", str(prompt_file), "--mask", "0,1",
+            "--out", str(out), "--no-wandb"]
+    assert probe_main([*args, "--steps", "30"]) == 0
+    rows = read_results(out)
+    assert sorted({r["step"] for r in rows}) == [0, 2, 4]
+    before = (out / "results.jsonl").read_text()
+
+    assert probe_main([*args, "--steps", "30"]) == 0  # nothing left to do: the same rows
+    assert (out / "results.jsonl").read_text() == before
+
+    assert probe_main([*args, "--steps", "31"]) == 2  # other settings: refused, nothing mixed
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_probe_callback_logs_into_the_training_run(tmp_path: Path, data_cache: Path) -> None:
+    run = tmp_path / "run"
+    callback = {"class_path": "lmrep.callbacks.ProbeCallback",
+                "init_args": {"num_prompts": 2, "tokens": 8, "masks": [0, 1], "contexts": ["prompt"], "steps": 20}}
+    config = tiny_config(tmp_path / "p.yaml", "flat", run, data_cache, steps=4, every=2, callbacks=[callback])
+    train_main(["fit", "--config", str(config)])
+    rows = read_results(run / "probe")
+    assert sorted({r["step"] for r in rows}) == [0, 2, 4]
+    assert (run / "probe" / "report.html").exists() and (run / "probe" / "curves_prompt.png").exists()
+    history = read_offline_history(run)
+    probe_steps = sorted(r["trainer/global_step"] for r in history if "probe/prompt/self/m0/block_1" in r)
+    assert probe_steps == [0, 2, 4]
+    assert any("train/loss" in r for r in history)  # loss and invertibility in one run
