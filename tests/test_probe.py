@@ -206,7 +206,10 @@ def test_padded_context_recovers_masked_tokens_of_a_flat_mixer(story_prompts: tu
     prompts, pad = story_prompts
     model = flat_mixer(256, context_length=64)
     padded = probe(model, prompts, blocks=[1], masks=[1], pad_token_id=pad, settings=ProbeSettings(context="padded"))
+    # Reference run: d=256 recovers 100% of masked tokens here. With this seed one prompt's masked
+    # token comes second (behind <|endoftext|>) while its distance ratio is still ~0.02; seed 1 gets all.
     assert pooled(padded, "nonself") >= 0.75
+    assert (padded.nonself_topk_acc == 1).all()
     assert pooled(padded, "self") == 1.0
 
 
