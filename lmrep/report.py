@@ -175,7 +175,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, title: 
     summary = summary_table(rows)
     write_summary(out_dir, summary)
     images = plot_curves(summary, out_dir, title) + plot_heatmaps(summary, out_dir, title)
-    settings = {k: rows[0][k] for k in ("family", "method", "loss", "optimizer", "lr", "steps", "free", "top_k",
+    settings = {k: rows[0][k] for k in ("family", "method", "loss_fn", "optimizer", "lr", "steps", "free", "top_k",
                                         "init_scale", "baseline_shift", "seed", "patience", "settings_id")
                 if rows and k in rows[0]}
     report = write_html(rows, summary, out_dir, images, title, settings)

@@ -134,6 +134,7 @@ def probe_rows(model: nn.Module, prompts: PromptSet, tokenizer: PreTrainedTokeni
         row["recovered_text"] = tokenizer.decode(row["recovered_ids"])
         row["recovered_tokens"] = tokenizer.convert_ids_to_tokens(row["recovered_ids"])
         row["target_tokens"] = tokenizer.convert_ids_to_tokens(row["target_ids"])
+        row["loss_fn"] = row.pop("loss")  # the settings' distance ("l1", ...); `loss` is the final value
         row["loss"] = row["final_loss"]
         row.update(step=step, checkpoint=source, family=model.family)
         rows.append(row)
