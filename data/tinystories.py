@@ -10,6 +10,10 @@ split, tokenized to rows of a fixed context length L, as an Arrow dataset under
 the cache folder, keyed by everything that decides its content; `setup` only
 loads those. Batches are `{"input_ids", "labels"}` (b, L) LongTensors with
 labels unshifted and -100 at padding, so padding never enters the loss.
+
+The training loader is resumable: each epoch's order is a seeded permutation of
+(seed, epoch), and its place in the epoch is saved in every checkpoint, so a
+resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import datasets
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerFast
 
 from data.tokenizer import (
@@ -122,6 +127,87 @@ class _Collate:
         input_ids = torch.stack([row["input_ids"] for row in rows]).long()  # (b, L)
         labels = input_ids.masked_fill(input_ids == self.pad_token_id, IGNORE_INDEX)  # (b, L)
         return {"input_ids": input_ids, "labels": labels}
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the torch.distributed process group, or (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochSampler(DistributedSampler):
+    """A seeded permutation per (seed, epoch), sharded by rank, that can start part-way into an epoch.
+
+    It is a DistributedSampler (same order, same sharding), so Lightning never replaces
+    it with one of its own under DDP: Lightning injects a sampler only when the loader's
+    is not a DistributedSampler. Rank and world size come from `torch.distributed`
+    when a process group exists (the loader is built after DDP starts one), so the
+    sharding holds also with `use_distributed_sampler=False`. Lightning calls
+    `set_epoch` before each epoch.
+    """
+
+    def __init__(self, dataset: Any, *, seed: int) -> None:
+        world, rank = _world()
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.start = 0  # samples of this rank skipped at the start of the current iteration
+        self.iter_epoch = 0  # the epoch the current iteration draws from
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, samples: int) -> None:
+        """Make the next iteration, if it is of `epoch`, skip the first `samples` of this rank's share."""
+        self._resume = (epoch, samples)
+
+    def __iter__(self) -> Any:
+        indices = list(super().__iter__())
+        self.start, self.iter_epoch = 0, self.epoch
+        if self._resume is not None:
+            epoch, samples = self._resume
+            if epoch == self.epoch:  # a checkpoint at an epoch's end resumes in the next epoch, from 0
+                self.start = min(samples, len(indices))
+            self._resume = None
+        return iter(indices[self.start:])
+
+
+class ResumableLoader(DataLoader):
+    """Training DataLoader that Lightning checkpoints: `state_dict()` is its place in the epoch.
+
+    Lightning saves `state_dict()` of a stateful train loader in every checkpoint and
+    calls `load_state_dict()` on resume before it asks for an iterator. The state is the
+    epoch and the samples of this rank handed out in it; the loader counts batches as
+    it yields them. Lightning's fit loop does not fetch ahead for a loader with a length
+    (`_PrefetchDataFetcher` skips prefetching when it knows the length), so a batch
+    yielded is a batch trained on when a checkpoint is written.
+    """
+
+    def __init__(self, dataset: Any, *, batch_size: int, seed: int, collate_fn: Any, num_workers: int = 0) -> None:
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=EpochSampler(dataset, seed=seed),
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            # only seeds worker processes; without it each iterator draws from torch's global RNG
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self._yielded = 0  # batches yielded by the current iteration
+
+    def __iter__(self) -> Any:
+        self._yielded = 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the current epoch stands: its number and the samples of this rank consumed in it."""
+        sampler: EpochSampler = self.sampler  # type: ignore[assignment]
+        samples = min(sampler.start + self._yielded * int(self.batch_size or 1), sampler.num_samples)
+        return {"epoch": sampler.iter_epoch, "samples": samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the saved epoch where it stopped (the next iteration skips what was consumed)."""
+        self.sampler.resume_at(int(state["epoch"]), int(state["samples"]))  # type: ignore[attr-defined]
 
 
 class TinyStoriesDataModule(L.LightningDataModule):
@@ -334,15 +420,13 @@ class TinyStoriesDataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (seeded)."""
-        return DataLoader(
-            self._dataset("train"),  # type: ignore[arg-type]
+        """Shuffled training batches: a seeded order per epoch, resumable mid-epoch."""
+        return ResumableLoader(
+            self._dataset("train"),
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            seed=self.seed,
             collate_fn=_Collate(self.pad_token_id),
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -3,19 +3,26 @@
 A checkpoint is a Lightning checkpoint with lmrep's metadata under
 `checkpoint["lmrep"]`: the model family and config (enough to rebuild it), the
 tokenizer's hash and its JSON (so a checkpoint decodes on its own), and the step.
-Loading never executes pickled code (`torch.load(weights_only=True)`).
+Loading never executes pickled code (`torch.load(weights_only=True)`), also on
+Lightning's own resume path (`SafeCheckpointIO`), and a checkpoint is written to a
+temporary file in its own directory and renamed, so no half-written file ever
+carries a checkpoint's name.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 from torch import nn
@@ -26,6 +33,7 @@ from models import build_model
 
 STEP_FILENAME = "step={step:06d}"  # zero-padded so names sort in step order
 _STEP_PATTERN = re.compile(r"step=(\d+)")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # in torch's weights_only refusal
 
 
 class CheckpointError(ValueError):
@@ -70,6 +78,17 @@ class StepCheckpoint(ModelCheckpoint):
         if not path.exists():
             self._save_checkpoint(trainer, str(path))
 
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # A checkpoint of NaN/inf weights would become the `last.ckpt` a resume starts from.
+        bad = next((name for name, p in trainer.lightning_module.named_parameters()
+                    if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"weights became non-finite at step {trainer.global_step} ({bad}); not writing "
+                f"{Path(filepath).name}: lower the learning rate, or resume from the last good checkpoint"
+            )
+        super()._save_checkpoint(trainer, filepath)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # ModelCheckpoint only saves on its N-step grid; the final step must be kept too.
         if self._last_global_step_saved != trainer.global_step:
@@ -90,21 +109,94 @@ class LoadedCheckpoint:
     tokenizer: PreTrainedTokenizerFast | None
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's raw dict without executing pickled code; clear errors for bad files."""
-    path = Path(path)
+def _safe_load(path: Path, map_location: Any = "cpu", *, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` of a local file; every way it can fail becomes one CheckpointError line."""
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
+    # torch.save writes a zip archive; a truncated one has no central directory. Checking first
+    # also keeps torch from falling back to its legacy format, whose errors are unreadable.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a torch checkpoint archive (truncated, or another kind of file)"
+        )
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated, not a checkpoint, or unsafe): {first}") from err
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        refused = _UNSAFE_GLOBAL.search(str(err))
+        what = f"it asks to call {refused.group(1)}" if refused else _first_line(err)
+        raise CheckpointError(
+            f"refusing to load checkpoint {path}: it holds pickled code, not only weights ({what}); "
+            "lmrep loads checkpoints with weights_only=True"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt): {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (torch's are often paragraphs)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint's raw dict without executing pickled code; clear errors for bad files.
+
+    `mmap=True` maps the tensors instead of reading them: a cheap way to validate a file.
+    """
+    path = Path(path)
+    raw = _safe_load(path, mmap=mmap)
     if not isinstance(raw, dict) or CHECKPOINT_KEY not in raw or "state_dict" not in raw:
         raise CheckpointError(f"{path} is not an lmrep checkpoint (no model metadata)")
     return raw
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with weights-only loading and atomic local writes.
+
+    Loading: Lightning passes `weights_only=None` by default (torch's default, which an
+    environment variable can turn off); this always loads with `weights_only=True`.
+    Saving: Lightning's `_atomic_save` writes through an fsspec transaction whose
+    temporary file lives in the system temp dir, so the final `shutil.move` is a plain
+    copy into the checkpoint's name whenever /tmp is another file system; a kill during
+    that copy leaves a truncated checkpoint. Here the temporary file sits beside the
+    target, is fsynced, and `os.replace` (atomic on POSIX) gives it its name.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's transaction is the atomic primitive there
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options for local files")
+        atomic_torch_save(checkpoint, Path(path))
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return _safe_load(Path(path), map_location)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` to `path` so that `path` is either absent/old or the whole new file, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared like any output file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path, *, tokenizer_hash: str | None = None) -> LoadedCheckpoint:
@@ -115,7 +207,8 @@ def load_checkpoint(path: str | Path, *, tokenizer_hash: str | None = None) -> L
     saved_hash = meta.get("tokenizer_hash")
     if tokenizer_hash is not None and saved_hash is not None and saved_hash != tokenizer_hash:
         raise CheckpointError(
-            f"{path} was trained with tokenizer {saved_hash}, not the given tokenizer {tokenizer_hash}"
+            f"{path} was trained with tokenizer {saved_hash}, not the given tokenizer {tokenizer_hash}: "
+            "use the tokenizer stored in the checkpoint"
         )
     model = build_model(**meta["model"])
     prefix = "model."

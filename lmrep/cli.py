@@ -3,21 +3,35 @@
 `python train.py fit --config configs/quickstart.yaml` trains; every value in the
 YAML can be overridden on the command line (`--trainer.max_steps 50`). Re-running
 the same command after a crash resumes from `<run_dir>/checkpoints/last.ckpt`.
+
+Checkpoints are read with `weights_only=True` on every path (the resume path
+included, through `SafeCheckpointIO`) and checked before anything is written, and
+bad input ends in one `error: ...` line (exit code 2) unless LMREP_DEBUG=1.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.trainer import Trainer
 
 from data.tinystories import TinyStoriesDataModule
-from lmrep.module import LanguageModelModule
+from lmrep.checkpoints import CheckpointError, SafeCheckpointIO, read_checkpoint
+from lmrep.module import CHECKPOINT_KEY, LanguageModelModule
+from models import model_spec
 
 DEFAULT_LOGGER = "lmrep.loggers.RunLogger"
+DEBUG_ENV = "LMREP_DEBUG"  # set to 1 for full tracebacks instead of one-line errors
+DEBUG_FLAG = "--debug"  # the same, on the command line (taken out before LightningCLI parses)
+# `ckpt_path` values that Lightning resolves itself rather than reading a file.
+_SPECIAL_CKPT_PATHS = ("best", "last", "hpc")
 
 
 def default_precision() -> str:
@@ -39,6 +53,12 @@ class TrainCLI(LightningCLI):
         run_dir = Path(cfg.run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
         model_cfg = cfg.model.model.init_args.config
+        # Build the config dataclass now: its range errors must come before the logger
+        # (instantiated first) creates the run directory.
+        module, _, name = cfg.model.model.class_path.rpartition(".")  # already resolved by the parser
+        model_class = getattr(importlib.import_module(module), name)
+        if isinstance(getattr(model_class, "config_class", None), type):
+            model_class.config_class(**model_cfg.as_dict())
         if cfg.data.context_length is None:
             cfg.data.context_length = model_cfg.context_length
         elif cfg.data.context_length > model_cfg.context_length:
@@ -52,10 +72,56 @@ class TrainCLI(LightningCLI):
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None and last.exists():
             print(f"resuming from {last}", file=sys.stderr)
             cfg.ckpt_path = str(last)
+        if self.subcommand is not None:
+            if cfg.get("weights_only") is False:
+                raise ValueError("weights_only=false is not supported: lmrep never loads pickled code from checkpoints")
+            cfg.weights_only = True
+            self._resume_meta = self._check_ckpt_path(cfg.get("ckpt_path"))
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads an explicit ckpt_path's hyper-parameters before any public hook
+        # (with weights_only=True); check the file first so a bad one gives a one-line error.
+        if self.config.get("subcommand"):
+            self._check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
+    @staticmethod
+    def _check_ckpt_path(ckpt_path: str | None) -> dict[str, Any] | None:
+        """Fail now, before a run directory or W&B run is touched, if the checkpoint cannot be used."""
+        if ckpt_path is None or ckpt_path in _SPECIAL_CKPT_PATHS or "://" in ckpt_path:
+            return None
+        # mmap: the tensors are mapped, not read, so the check costs little even for a big file
+        return read_checkpoint(ckpt_path, mmap=True)[CHECKPOINT_KEY]
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer, with SafeCheckpointIO unless a plugin list is configured."""
+        if self._get(self.config_init, "trainer", default={}).get("plugins") is None:
+            kwargs.setdefault("plugins", [SafeCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Refuse to resume a checkpoint of another tokenizer or model before training starts."""
+        meta = getattr(self, "_resume_meta", None)
+        if meta is None:
+            return
+        ckpt = self.config[self.subcommand].ckpt_path
+        saved, ours = meta.get("tokenizer_hash"), self.datamodule.tokenizer_hash
+        if saved and saved != ours:
+            raise CheckpointError(
+                f"{ckpt} was trained with tokenizer {saved}, but the data's tokenizer is {ours}: "
+                "resume with the tokenizer it was trained with (data.tokenizer_path) or start a new run_dir"
+            )
+        spec = model_spec(self.model.model)
+        if meta.get("model") and meta["model"] != spec:
+            raise CheckpointError(f"{ckpt} holds a {meta['model']} model, but the config builds {spec}")
 
 
 def main(args: list[str] | None = None) -> TrainCLI | None:
-    """Entry point of train.py; known faults print one line unless LMREP_DEBUG=1."""
+    """Entry point of train.py; known faults print one line unless `--debug` or LMREP_DEBUG=1."""
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = bool(os.environ.get(DEBUG_ENV)) or DEBUG_FLAG in argv
+    if DEBUG_FLAG in argv or args is not None:
+        args = [a for a in argv if a != DEBUG_FLAG]
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it; no effect on CPU
     try:
         return TrainCLI(
@@ -63,9 +129,16 @@ def main(args: list[str] | None = None) -> TrainCLI | None:
             TinyStoriesDataModule,
             args=args,
             save_config_kwargs={"overwrite": True},
+            # parse errors raise instead of printing the whole usage: main() prints one line
+            parser_kwargs={"exit_on_error": False},
         )
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        if os.environ.get("LMREP_DEBUG"):
+    except (ValueError, FileNotFoundError, FloatingPointError, argparse.ArgumentError) as err:
+        if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (jsonargparse nests its reasons over lines) joined into one line."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())

@@ -1,0 +1,552 @@
+"""Reliability and security: bad input gets one clear line, faults lose nothing, checkpoints run no code.
+
+Tiny models on the shared TinyStories copy. The training side is driven through
+`lmrep.cli.main` in-process and, where the user's experience is the point
+(one line on stderr, exit code, SIGKILL), through `python train.py` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+from torch.utils.data import DistributedSampler
+
+import data.tinystories as tinystories
+from data.tinystories import EpochSampler, ResumableLoader, TinyStoriesDataModule
+from lmrep.checkpoints import (
+    CheckpointError,
+    SafeCheckpointIO,
+    StepCheckpoint,
+    load_checkpoint,
+    read_checkpoint,
+)
+from lmrep.cli import TrainCLI, main
+from lmrep.loggers import RUN_ID_FILE, read_offline_history
+from lmrep.module import LanguageModelModule
+from tests.conftest import REPO, tiny_config
+
+EPOCH_STORIES = 8  # training stories: a handful of batches per epoch, so runs cross epoch boundaries
+STEP0 = "step=000000.ckpt"
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+class StopAtStep(L.Callback):
+    """Ends training after `step` optimiser steps, as an interruption would (after that step's checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class SlowSteps(L.Callback):
+    """Makes every step take a while, so a subprocess can be killed mid-run."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(self.seconds)
+
+
+class PoisonWeights(L.Callback):
+    """Writes NaN into the embedding at a given step: at its start (the loss sees it) or its end."""
+
+    def __init__(self, step: int, at: str = "start") -> None:
+        self.step, self.at = step, at
+
+    def _poison(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.model.parameters()).fill_(float("nan"))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.at == "start":
+            self._poison(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.at == "end":
+            self._poison(trainer, pl_module)
+
+
+def callback(cls: type, **init_args: Any) -> dict[str, Any]:
+    return {"class_path": f"tests.test_reliability.{cls.__name__}", "init_args": init_args}
+
+
+def config(path: Path, run: Path, cache: Path, *, steps: int, every: int, family: str = "flat",
+           callbacks: list[dict[str, Any]] | None = None, model: dict[str, Any] | None = None,
+           data: dict[str, Any] | None = None, lr: float | None = None) -> Path:
+    """A tiny config (tests.conftest.tiny_config) on a short epoch, with overrides."""
+    tiny_config(path, family, run, cache, steps=steps, every=every, callbacks=callbacks)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["max_train_stories"] = EPOCH_STORIES
+    cfg["data"].update(data or {})
+    cfg["model"]["model"]["init_args"]["config"].update(model or {})
+    cfg["trainer"]["val_check_interval"] = 1000  # no validation: these tests are about training state
+    if lr is not None:
+        cfg["model"]["lr"] = lr
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def fails(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run train.py's main in-process; it must exit non-zero with one `error:` line. Returns that line."""
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)["state_dict"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    """train/loss per step from the offline W&B files of a run (a resumed step keeps its last value)."""
+    return {row["trainer/global_step"]: row["train/loss"] for row in read_offline_history(run) if "train/loss" in row}
+
+
+def evil_checkpoint(path: Path, marker: Path) -> Path:
+    """A checkpoint-named file whose unpickling would create `marker` (written with plain torch.save)."""
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (pathlib.Path.touch, (marker,))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "lmrep": Payload(), "epoch": 0, "global_step": 4}, path)
+    return path
+
+
+def run_train(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    """`python train.py ...` from the repository root, as a user runs it."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+    env.pop("LMREP_DEBUG", None)
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> Path:
+    """The checkpoint directory of one tiny finished run (steps 0, 2, last)."""
+    root = tmp_path_factory.mktemp("trained")
+    main(["fit", "--config", str(config(root / "c.yaml", root / "run", data_cache, steps=2, every=2))])
+    return root / "run" / "checkpoints"
+
+
+# ---- safe loading ------------------------------------------------------------------------------
+
+
+def test_crafted_checkpoint_runs_no_code(tmp_path: Path, data_cache: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "PWNED"
+    # the payload is real: an unsafe load runs it
+    torch.load(evil_checkpoint(tmp_path / "proof.ckpt", marker), weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    evil = evil_checkpoint(tmp_path / "evil.ckpt", marker)
+    expected = (f"refusing to load checkpoint {evil}: it holds pickled code, not only weights "
+                "(it asks to call getattr); lmrep loads checkpoints with weights_only=True")
+    for load in (load_checkpoint, read_checkpoint, SafeCheckpointIO().load_checkpoint):
+        with pytest.raises(CheckpointError) as info:
+            load(evil)
+        assert str(info.value) == expected
+    # explicit resume, and auto-resume where a run's last.ckpt was replaced by the crafted file
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2)
+    assert fails(["fit", "--config", str(cfg), "--ckpt_path", str(evil)], capsys) == f"error: {expected}"
+    last = evil_checkpoint(run / "checkpoints" / "last.ckpt", marker)
+    assert fails(["fit", "--config", str(cfg)], capsys) == f"error: {expected.replace(str(evil), str(last))}"
+    assert not marker.exists()
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "last.ckpt"]  # nothing else written
+
+
+def test_weights_only_cannot_be_turned_off(tmp_path: Path, data_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = config(tmp_path / "c.yaml", tmp_path / "run", data_cache, steps=2, every=2)
+    line = fails(["fit", "--config", str(cfg), "--weights_only", "false"], capsys)
+    assert line == "error: weights_only=false is not supported: lmrep never loads pickled code from checkpoints"
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_installs_safe_checkpoint_io(tmp_path: Path, data_cache: Path) -> None:
+    cfg = config(tmp_path / "c.yaml", tmp_path / "run", data_cache, steps=2, every=2)
+    cli = TrainCLI(LanguageModelModule, TinyStoriesDataModule, args=["--config", str(cfg)], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
+
+
+# ---- atomic checkpoint writes ------------------------------------------------------------------
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "ckpts" / "step=000002.ckpt"
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    before = sha(target)
+    assert oct(target.stat().st_mode & 0o777) == oct(0o644)
+    real_save = torch.save
+
+    def dies_midway(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")  # bytes reach the file, then the process "dies"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)  # overwrite fails
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "ckpts" / "last.ckpt")  # new file
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sha(target) == before  # the old complete file is untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no partial file, no temp left
+
+
+# ---- resumable data order ----------------------------------------------------------------------
+
+
+def test_loader_resumes_mid_epoch_and_at_epoch_end() -> None:
+    data = torch.arange(23)
+    straight = ResumableLoader(data, batch_size=4, seed=3, collate_fn=torch.stack)
+    epoch0 = [b.tolist() for b in straight]
+    straight.sampler.set_epoch(1)
+    epoch1 = [b.tolist() for b in straight]
+    assert sorted(sum(epoch0, [])) == list(range(23)) and epoch0 != epoch1  # a permutation per epoch
+
+    loader = ResumableLoader(data, batch_size=4, seed=3, collate_fn=torch.stack)
+    assert loader.state_dict() == {"epoch": 0, "samples": 0}
+    it = iter(loader)
+    seen = [next(it).tolist() for _ in range(2)]
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "samples": 8}
+    resumed = ResumableLoader(data, batch_size=4, seed=3, collate_fn=torch.stack)
+    resumed.load_state_dict(state)
+    assert seen + [b.tolist() for b in resumed] == epoch0
+    assert resumed.state_dict() == {"epoch": 0, "samples": 23}
+    # a checkpoint at an epoch's end: the next epoch starts from its first batch
+    at_end = ResumableLoader(data, batch_size=4, seed=3, collate_fn=torch.stack)
+    at_end.load_state_dict({"epoch": 0, "samples": 23})
+    at_end.sampler.set_epoch(1)
+    assert [b.tolist() for b in at_end] == epoch1
+
+
+def test_sampler_shards_by_rank_and_lightning_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = torch.arange(10)
+    single = list(EpochSampler(data, seed=0))
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(tinystories, "_world", lambda rank=rank: (2, rank))
+        shards.append(list(EpochSampler(data, seed=0)))
+    assert shards[0] == single[0::2] and shards[1] == single[1::2]
+    # Lightning injects its own DistributedSampler only where the loader's is not one
+    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False)
+    loader = ResumableLoader(data, batch_size=2, seed=0, collate_fn=torch.stack)
+    assert isinstance(loader.sampler, DistributedSampler)
+    assert not _DataConnector(trainer)._requires_distributed_sampler(loader)
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_with_identical_weights(tmp_path: Path, data_cache: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, recwarn: Any) -> None:
+    steps, stop, every = 14, 8, 4  # ~6 batches an epoch: the stop is mid-epoch, the runs cross epochs
+    straight = tmp_path / "straight"
+    main(["fit", "--config", str(config(tmp_path / "a.yaml", straight, data_cache, steps=steps, every=every))])
+
+    run = tmp_path / "resumed"
+    cfg = config(tmp_path / "b.yaml", run, data_cache, steps=steps, every=every)
+    interrupted = config(tmp_path / "b0.yaml", run, data_cache, steps=steps, every=every,
+                         callbacks=[callback(StopAtStep, step=stop)])
+    main(["fit", "--config", str(interrupted)])
+    ckpts = run / "checkpoints"
+    assert load_checkpoint(ckpts / "last.ckpt").step == stop
+    step0 = sha(ckpts / STEP0)
+
+    loads: list[Any] = []
+    real_load = torch.load
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    main(["fit", "--config", str(cfg)])  # the same command, auto-resumed from last.ckpt
+    monkeypatch.setattr(torch, "load", real_load)
+
+    assert loads and all(w is True for w in loads)  # Lightning's resume path loaded weights-only
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+    assert sha(ckpts / STEP0) == step0
+    assert load_checkpoint(ckpts / "last.ckpt").step == steps
+    assert_same_weights(straight / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
+    assert train_losses(straight) == train_losses(run)
+
+
+# ---- determinism -------------------------------------------------------------------------------
+
+
+def test_same_seed_same_losses_and_weights(tmp_path: Path, data_cache: Path) -> None:
+    runs = [tmp_path / "one", tmp_path / "two"]
+    for i, run in enumerate(runs):
+        main(["fit", "--config", str(config(tmp_path / f"{i}.yaml", run, data_cache, steps=5, every=5))])
+    losses = [train_losses(run) for run in runs]
+    assert set(losses[0]) == set(range(5)) and all(math.isfinite(v) for v in losses[0].values())
+    assert losses[0] == losses[1]
+    assert_same_weights(*(run / "checkpoints" / "last.ckpt" for run in runs))
+
+
+# ---- SIGKILL, then the same command again ------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (e.g. the W&B service a training run starts)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(tmp_path: Path, data_cache: Path) -> None:
+    steps, every = 12, 2
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=steps, every=every,
+                 callbacks=[callback(SlowSteps, seconds=0.3)])
+    ckpts = run / "checkpoints"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+    proc = subprocess.Popen([sys.executable, "train.py", "fit", "--config", str(cfg)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (ckpts / "step=000004.ckpt").exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no periodic checkpoint in time"
+            time.sleep(0.05)
+        children = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    killed_at = load_checkpoint(ckpts / "last.ckpt").step
+    assert 2 <= killed_at < steps  # last.ckpt follows step=000004.ckpt: the kill may fall between
+    step0 = sha(ckpts / STEP0)
+    run_id = (run / RUN_ID_FILE).read_text().strip()
+
+    again = run_train(["fit", "--config", str(cfg)])
+    for pid in children:  # the killed run's W&B service, if it outlived its parent
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {ckpts / 'last.ckpt'}" in again.stderr
+    assert load_checkpoint(ckpts / "last.ckpt").step == steps
+    assert sha(ckpts / STEP0) == step0
+    assert (run / RUN_ID_FILE).read_text().strip() == run_id
+    wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and {d.name.rsplit("-", 1)[1] for d in wandb_runs} == {run_id}
+    losses = train_losses(run)
+    assert set(range(killed_at, steps)) <= set(losses)
+    assert all(math.isfinite(losses[s]) for s in range(killed_at, steps))
+
+
+# ---- clear errors, one per bad input -----------------------------------------------------------
+
+
+def test_unknown_config_key(tmp_path: Path, data_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2, model={"widht": 3})
+    line = fails(["fit", "--config", str(cfg)], capsys)
+    assert line.startswith('error: Parser key "model.model": ') and "widht" in line
+    cfg = config(tmp_path / "d.yaml", run, data_cache, steps=2, every=2)
+    line = fails(["fit", "--config", str(cfg), "--trainer.max_stepz", "3"], capsys)
+    assert line == "error: unrecognized arguments: --trainer.max_stepz 3"
+    assert not run.exists()
+
+
+def test_unknown_model_family(tmp_path: Path, data_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2)
+    line = fails(["fit", "--config", str(cfg), "--model.model.class_path", "models.mixer.Transformer"], capsys)
+    assert line == ('error: Parser key "model.model": Problem with given class_path '
+                    "'models.mixer.Transformer': module 'models.mixer' has no attribute 'Transformer'")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(("family", "values", "message"), [
+    ("llama", {"d_model": 30, "n_heads": 4}, "error: d_model 30 is not divisible by n_heads 4"),
+    ("expanded", {"expansion": 0}, "error: expansion must be >= 1, got 0"),
+    ("flat", {"context_length": 0}, "error: context_length must be >= 1, got 0"),
+    ("flat", {"mixing": "zigzag"}, "error: unknown mixing 'zigzag': choose one of flat, expanded, parallel"),
+])
+def test_config_values_out_of_range(family: str, values: dict[str, Any], message: str, tmp_path: Path,
+                                    data_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2, family=family, model=values)
+    assert fails(["fit", "--config", str(cfg)], capsys) == message
+    assert not run.exists()
+
+
+def test_checkpoint_missing(tmp_path: Path, data_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nowhere" / "last.ckpt"
+    with pytest.raises(CheckpointError, match=f"^checkpoint not found: {missing}$"):
+        load_checkpoint(missing)
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2)
+    assert fails(["fit", "--config", str(cfg), "--ckpt_path", str(missing)], capsys) == \
+        f"error: checkpoint not found: {missing}"
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "pickle", "no metadata"])
+def test_checkpoint_truncated_or_not_a_checkpoint(kind: str, trained: Path, tmp_path: Path, data_cache: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.ckpt"
+    good = (trained / "last.ckpt").read_bytes()
+    if kind == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+    elif kind == "text":
+        bad.write_text("model: llama\n")
+    elif kind == "pickle":
+        torch.save({"a": 1}, bad, _use_new_zipfile_serialization=False)
+    else:
+        torch.save({"state_dict": {"w": torch.ones(2)}}, bad)
+    message = (f"{bad} is not an lmrep checkpoint (no model metadata)" if kind == "no metadata" else
+               f"cannot read checkpoint {bad}: not a torch checkpoint archive (truncated, or another kind of file)")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bad)
+    assert str(info.value) == message
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2)
+    assert fails(["fit", "--config", str(cfg), "--ckpt_path", str(bad)], capsys) == f"error: {message}"
+    assert not run.exists()
+
+
+def test_checkpoint_of_another_tokenizer(trained: Path, tmp_path: Path, data_cache: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from data.tokenizer import tokenizer_hash
+
+    meta = read_checkpoint(trained / "last.ckpt")["lmrep"]
+    saved = meta["tokenizer_hash"]
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(trained / "last.ckpt", tokenizer_hash="0123456789abcdef")
+    assert str(info.value) == (f"{trained / 'last.ckpt'} was trained with tokenizer {saved}, not the given "
+                               "tokenizer 0123456789abcdef: use the tokenizer stored in the checkpoint")
+
+    # another tokenizer of the same size: two ordinary tokens swap ids
+    spec = json.loads(meta["tokenizer_json"])
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    other = tmp_path / "other" / "tokenizer.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(spec))
+    other_hash = tokenizer_hash(other)
+    assert other_hash != saved
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes((trained / "last.ckpt").read_bytes())
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=4, every=2, data={"tokenizer_path": str(other)})
+    assert fails(["fit", "--config", str(cfg)], capsys) == (
+        f"error: {run / 'checkpoints' / 'last.ckpt'} was trained with tokenizer {saved}, but the data's tokenizer "
+        f"is {other_hash}: resume with the tokenizer it was trained with (data.tokenizer_path) or start a new run_dir")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert not (run / "wandb").exists()
+
+
+def test_data_folder_without_stories(tmp_path: Path, data_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "stories"
+    (empty / "train").mkdir(parents=True)
+    (empty / "train" / "000.txt").write_text("<|endoftext|>\n\n")
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2, data={"data_dir": str(empty)})
+    assert fails(["fit", "--config", str(cfg)], capsys) == \
+        f"error: no train stories in {empty / 'train'} (expected stories separated by <|endoftext|> lines)"
+    assert not (run / "checkpoints").exists() and not (run / "wandb").exists()
+
+
+def test_nan_loss_names_the_step(tmp_path: Path, data_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=6, every=2,
+                 callbacks=[callback(PoisonWeights, step=3, at="start")])
+    assert fails(["fit", "--config", str(cfg)], capsys) == "error: training loss became nan at step 3"
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", STEP0, "step=000002.ckpt"]
+    assert load_checkpoint(ckpts / "last.ckpt").step == 2  # a resume starts from good weights
+
+
+def test_nan_weights_are_never_checkpointed(tmp_path: Path, data_cache: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=6, every=2,
+                 callbacks=[callback(PoisonWeights, step=4, at="end")])
+    assert fails(["fit", "--config", str(cfg)], capsys) == (
+        "error: weights became non-finite at step 4 (model.embedding.weight); not writing step=000004.ckpt: "
+        "lower the learning rate, or resume from the last good checkpoint")
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", STEP0, "step=000002.ckpt"]
+    assert load_checkpoint(ckpts / "last.ckpt").step == 2
+
+
+@pytest.mark.slow
+def test_user_sees_one_line_from_train_py(tmp_path: Path, data_cache: Path) -> None:
+    """The real command: an absurd learning rate and a bad config value, each one stderr line, exit 2."""
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=6, every=2, lr=1e30)
+    result = run_train(["fit", "--config", str(cfg)])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: training loss became ") \
+        and errors[0].endswith(" at step 1"), result.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [STEP0]
+
+    bad = run_train(["fit", "--config", str(cfg), "--run_dir", str(tmp_path / "other"),
+                     "--model.model.init_args.config.d_model", "0"])
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == "error: d_model must be >= 1, got 0"
+    assert "Traceback" not in bad.stderr and not (tmp_path / "other").exists()
+
+    debug = run_train(["fit", "--config", str(cfg), "--run_dir", str(tmp_path / "other"),
+                       "--model.model.init_args.config.d_model", "0", "--debug"])
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
