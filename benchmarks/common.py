@@ -176,15 +176,15 @@ def make_model(family: str, d: int, n_blocks: int, context: int, seed: int = 0) 
 
 
 def adamw_like_module(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                      betas: tuple[float, float] = (0.9, 0.95), **kwargs: Any) -> torch.optim.AdamW:
-    """AdamW with the LightningModule's parameter groups (no decay on biases, norms, embeddings)."""
+                      betas: tuple[float, float] = (0.9, 0.95), fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with the LightningModule's parameter groups (no decay on biases, norms, embeddings), fused as there."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             is_embedding = "embed" in name or "wte" in name
             (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, **kwargs)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, fused=fused)
 
 
 def cycle(loader: Any) -> Iterator[dict[str, Tensor]]:

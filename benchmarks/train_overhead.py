@@ -126,6 +126,32 @@ def run_lightning(family: str, args: argparse.Namespace, dm: Any, variant: str) 
     return out
 
 
+def step_part_costs(family: str, args: argparse.Namespace, repeats: int = 3) -> dict[str, float]:
+    """Seconds of the parts changed in lmrep/module.py, old vs new, interleaved (best of `repeats`)."""
+    model = make_model(family, args.d, args.blocks, args.context, seed=args.seed)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimisers = {"adamw_unfused": adamw_like_module(model, 1e-3, fused=False),
+                  "adamw_fused": adamw_like_module(model, 1e-3, fused=True)}
+    logits = torch.randn(args.batch, args.context, model.config.vocab_size, requires_grad=True)
+    labels = torch.randint(0, model.config.vocab_size, (args.batch, args.context))
+
+    def sliced_loss() -> torch.Tensor:  # the previous next_token_loss: slices (and copies) the logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    parts = {**{name: opt.step for name, opt in optimisers.items()},
+             "loss_sliced_logits": lambda: sliced_loss().backward(),
+             "loss_shifted_labels": lambda: next_token_loss(logits, labels)[0].backward()}
+    best = {name: float("inf") for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def loader_cost(dm: Any, n: int) -> float:
     """Seconds per batch of the train DataLoader alone (datasets -> torch formatting, collate)."""
     loader = iter(dm.train_dataloader())
@@ -172,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for variant in variants:
                 runs.setdefault(variant, []).append(run_lightning(family, args, dm, variant))
         peaks.append(matmul_gflops())
+        parts = step_part_costs(family, args)
         flops_per_token = train_flops_per_token(make_model(family, args.d, args.blocks, args.context), args.context)
         best_plain = max(r["tokens_per_s"] for r in runs["plain"])
         for name, results in runs.items():
@@ -180,11 +207,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append({"family": family, "runner": "plain" if name == "plain" else f"lightning/{name}",
                          "tokens_per_s": best, "all_tokens_per_s": [r["tokens_per_s"] for r in results],
                          "overhead": best_plain / best - 1, "logged_tokens_per_s": max(logged) if logged else None,
-                         "gflops_per_s": best * flops_per_token / 1e9})
+                         "gflops_per_s": best * flops_per_token / 1e9, "step_parts_seconds": parts})
     peak = max(peaks)
     for row in rows:
         row["utilisation"] = row["gflops_per_s"] / peak
     loader_s = loader_cost(dm, 20)
+    print_table([{"family": r["family"], **r["step_parts_seconds"]} for r in rows if r["runner"] == "plain"],
+                ["family", *rows[0]["step_parts_seconds"]], title="seconds per step part, before vs after")
     print_table(rows, ["family", "runner", "tokens_per_s", "overhead", "logged_tokens_per_s", "gflops_per_s",
                        "utilisation"],
                 title=f"training d={args.d}, {args.blocks} blocks, L={args.context}, batch {args.batch} "

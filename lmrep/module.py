@@ -21,14 +21,18 @@ from models import model_spec
 
 IGNORE_INDEX = -100  # label value of padding positions (HF convention)
 CHECKPOINT_KEY = "lmrep"  # where lmrep's own metadata lives inside a Lightning checkpoint
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
 
 
 def next_token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy of predicting labels[:, 1:] from logits[:, :-1], and the token count."""
-    targets = labels[:, 1:]  # (b, t-1)
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the whole (b, t, vocab)
+    # tensor (the largest in the step) to make it contiguous; the last position is ignored instead.
+    ignored = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    targets = torch.cat([labels[:, 1:], ignored], dim=1)  # (b, t)
     n_tokens = targets.ne(IGNORE_INDEX).sum()
     loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)),  # (b*(t-1), vocab)
+        logits.reshape(-1, logits.size(-1)),  # (b*t, vocab), a view
         targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
     )
@@ -105,6 +109,9 @@ class LanguageModelModule(L.LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
             betas=tuple(hp.betas),
+            # One fused kernel per parameter instead of ~10 elementwise passes: the same AdamW
+            # update, measured 7x faster per optimiser step on CPU (benchmarks/RESULTS.md).
+            fused=all(p.device.type in FUSED_DEVICES for p in decay + no_decay),
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio)
