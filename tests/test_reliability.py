@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,8 @@ from lmrep.checkpoints import (
 from lmrep.cli import TrainCLI, main
 from lmrep.loggers import RUN_ID_FILE, read_offline_history
 from lmrep.module import LanguageModelModule
+from lmrep.probe_cli import main as probe_main
+from lmrep.runner import RESULTS_FILE, encode_prompts, read_results
 from tests.conftest import REPO, tiny_config
 
 EPOCH_STORIES = 8  # training stories: a handful of batches per epoch, so runs cross epoch boundaries
@@ -161,9 +164,9 @@ def run_train(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> Path:
-    """The checkpoint directory of one tiny finished run (steps 0, 2, last)."""
+    """The checkpoint directory of one tiny finished run (steps 0, 2, 4, 6 and last)."""
     root = tmp_path_factory.mktemp("trained")
-    main(["fit", "--config", str(config(root / "c.yaml", root / "run", data_cache, steps=2, every=2))])
+    main(["fit", "--config", str(config(root / "c.yaml", root / "run", data_cache, steps=6, every=2))])
     return root / "run" / "checkpoints"
 
 
@@ -550,3 +553,203 @@ def test_user_sees_one_line_from_train_py(tmp_path: Path, data_cache: Path) -> N
     debug = run_train(["fit", "--config", str(cfg), "--run_dir", str(tmp_path / "other"),
                        "--model.model.init_args.config.d_model", "0", "--debug"])
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+# ---- the probe: bad input, faults, re-runs -----------------------------------------------------
+
+PROMPTS = ["Once upon a time, there was a little dog.", "Lily liked to play in the park with her ball.",
+           "The sun was hot, so Tom went to swim."]
+PROBE_STEPS = "20"  # optimisation steps: these tests are about bookkeeping, not recovery
+
+
+@pytest.fixture()
+def prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def probe_args(checkpoint: Path, prompt_file: Path, out: Path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--prompts", str(prompt_file), "--out", str(out), "--no-wandb",
+            "--steps", PROBE_STEPS, "--mask", "0,1", *extra]
+
+
+def probe_fails(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    """probe.py's main must return 2 and print exactly one `error:` message. Returns it."""
+    assert probe_main(args) == 2
+    err = capsys.readouterr().err
+    # the progress bar shares stderr: find the message wherever a carriage return left it
+    errors = re.findall(r"error: [^\r\n]*", err)
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_probe_prompt_longer_than_context(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    long = tmp_path / "long.txt"
+    long.write_text("Once upon a time " * 20 + "\n")
+    out = tmp_path / "probe"
+    assert probe_fails(probe_args(trained, long, out), capsys) == \
+        "error: prompt of 100 tokens is longer than the model's context length 32"
+    assert not out.exists()
+
+
+def test_probe_empty_prompt_set(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n\n")
+    out = tmp_path / "probe"
+    assert probe_fails(probe_args(trained, blank, out), capsys) == \
+        f"error: empty prompt set: {blank} has no non-empty lines"
+    args = ["--checkpoint", str(trained), "--num-prompts", "0", "--out", str(out), "--no-wandb"]
+    assert probe_fails(args, capsys) == "error: empty prompt set: give at least one prompt"
+    assert not out.exists()
+
+
+def test_probe_prompt_that_tokenizes_to_nothing(trained: Path) -> None:
+    tokenizer = load_checkpoint(trained / "last.ckpt").tokenizer
+    # a non-empty line always gives byte-level BPE tokens, so only an empty string (or a cut to 0) gives none
+    with pytest.raises(ValueError, match="^prompt 1 tokenizes to nothing: ''$"):
+        encode_prompts(["A dog.", ""], tokenizer)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--blocks", "3", "error: block(s) [3] out of range: this model has blocks 0..2"),
+    ("--blocks", "one", "error: blocks must be a comma-separated list of integers, got 'one'"),
+    ("--mask", "40", "error: mask 40 is out of range: masks must be in 0..10 for 11-token prompts"),
+    ("--mask", "-1", "error: mask -1 is out of range: masks must be in 0..10 for 11-token prompts"),
+])
+def test_probe_blocks_or_masks_out_of_range(option: str, value: str, message: str, trained: Path, tmp_path: Path,
+                                            prompts: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "probe"
+    assert probe_fails([*probe_args(trained, prompts, out), option, value], capsys) == message
+    assert not (out / RESULTS_FILE).exists()
+
+
+def test_probe_nan_during_inversion(trained: Path, tmp_path: Path, prompts: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "probe"
+    line = probe_fails([*probe_args(trained, prompts, out), "--lr", "inf"], capsys)
+    assert re.fullmatch(r"error: non-finite probe loss at step \d+, block \d, mask \d", line), line
+    assert not (out / RESULTS_FILE).exists()
+
+
+def test_probe_checkpoint_of_another_tokenizer(trained: Path, tmp_path: Path, prompts: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from data.tokenizer import tokenizer_hash
+
+    meta = read_checkpoint(trained / "last.ckpt")["lmrep"]
+    spec = json.loads(meta["tokenizer_json"])
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    other = tmp_path / "tokenizer.json"
+    other.write_text(json.dumps(spec))
+    out = tmp_path / "probe"
+    assert probe_fails([*probe_args(trained / "step=000002.ckpt", prompts, out), "--tokenizer", str(other)],
+                       capsys) == (f"error: {trained / 'step=000002.ckpt'} was trained with tokenizer "
+                                   f"{meta['tokenizer_hash']}, not the given tokenizer {tokenizer_hash(other)}: "
+                                   "use the tokenizer stored in the checkpoint")
+    assert not (out / RESULTS_FILE).exists()
+
+
+def test_probe_is_deterministic(trained: Path, tmp_path: Path, prompts: Path) -> None:
+    for out in ("one", "two"):
+        assert probe_main(probe_args(trained / "step=000002.ckpt", prompts, tmp_path / out)) == 0
+    assert (tmp_path / "one" / RESULTS_FILE).read_text() == (tmp_path / "two" / RESULTS_FILE).read_text()
+
+
+def spy_on_probing(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, tuple[int, ...]]]:
+    """Record (checkpoint step, blocks) of every probe the runner starts."""
+    import lmrep.runner as runner
+
+    calls: list[tuple[int, tuple[int, ...]]] = []
+    real = runner.probe_rows
+
+    def spy(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        calls.append((kwargs["step"], tuple(kwargs["blocks"])))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "probe_rows", spy)
+    return calls
+
+
+def test_probe_rerun_skips_finished_work(trained: Path, tmp_path: Path, prompts: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "probe"
+    ckpt = trained / "step=000002.ckpt"
+    calls = spy_on_probing(monkeypatch)
+    assert probe_main([*probe_args(ckpt, prompts, out), "--blocks", "1"]) == 0
+    block1 = [r for r in read_results(out)]
+    assert calls == [(2, (1,))]
+    assert probe_main([*probe_args(ckpt, prompts, out), "--blocks", "1,2"]) == 0  # only block 2 is new
+    assert calls == [(2, (1,)), (2, (2,))]
+    rows = read_results(out)
+    assert [r for r in rows if r["block"] == 1] == block1
+    assert sorted({(r["block"], r["mask"]) for r in rows}) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert probe_main([*probe_args(ckpt, prompts, out), "--blocks", "1,2"]) == 0  # all done: nothing probed
+    assert len(calls) == 2 and read_results(out) == rows
+
+
+def test_probe_rerun_with_other_settings_never_mixes(trained: Path, tmp_path: Path, prompts: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "probe"
+    ckpt = trained / "step=000002.ckpt"
+    assert probe_main(probe_args(ckpt, prompts, out)) == 0
+    before = (out / RESULTS_FILE).read_text()
+    sid = read_results(out)[0]["settings_id"]
+    other = tmp_path / "other.txt"
+    other.write_text("A cat sat on the mat.\n")
+    capsys.readouterr()
+    for args in ([*probe_args(ckpt, prompts, out), "--seed", "1"], [*probe_args(ckpt, prompts, out), "--lr", "0.02"],
+                 [*probe_args(ckpt, prompts, out), "--loss", "l2"], probe_args(ckpt, other, out)):
+        line = probe_fails(args, capsys)
+        assert line == (f"error: {out / RESULTS_FILE} holds results made with other settings ({sid}): "
+                        "use another --out"), (args, line)
+        assert (out / RESULTS_FILE).read_text() == before
+
+
+@pytest.mark.xfail(strict=True, reason="runner keys finished work by checkpoint file name and step, not by model: "
+                   "a re-run on another model with the same settings reuses the old rows (see the review note)")
+def test_probe_rerun_on_another_model_never_mixes(tmp_path: Path, data_cache: Path, prompts: Path) -> None:
+    out = tmp_path / "probe"
+    flat = config(tmp_path / "flat.yaml", tmp_path / "r1", data_cache, steps=1, every=1)
+    expanded = config(tmp_path / "exp.yaml", tmp_path / "r2", data_cache, steps=1, every=1, family="expanded")
+    common = ["--prompts", str(prompts), "--out", str(out), "--no-wandb", "--steps", PROBE_STEPS, "--mask", "0"]
+    assert probe_main(["--init", str(flat), *common]) == 0
+    flat_rows = read_results(out)
+    code = probe_main(["--init", str(expanded), *common])
+    assert code == 2 or read_results(out) != flat_rows  # refused, or the expanded model was really probed
+
+
+@pytest.mark.slow
+def test_interrupted_probe_resumes(trained: Path, tmp_path: Path, prompts: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "probe"
+    args = probe_args(trained, prompts, out)
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.Popen([sys.executable, "probe.py", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / RESULTS_FILE).exists():  # written atomically after each checkpoint
+            assert proc.poll() is None, "the probe ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no results in time"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = read_results(out)
+    done_steps = {r["step"] for r in done}
+    all_steps = {0, 2, 4, 6}
+    assert done_steps and done_steps < all_steps
+
+    calls = spy_on_probing(monkeypatch)
+    assert probe_main(args) == 0
+    assert sorted(step for step, _ in calls) == sorted(all_steps - done_steps)  # finished checkpoints skipped
+    rows = read_results(out)
+    assert [r for r in rows if r["step"] in done_steps] == done
+    assert {(r["step"], r["block"], r["mask"], r["prompt_index"]) for r in rows} == {
+        (s, b, m, p) for s in all_steps for b in (1, 2) for m in (0, 1) for p in range(len(PROMPTS))}
