@@ -2,9 +2,15 @@
 
     python probe.py --checkpoint runs/quickstart/checkpoints --out runs/quickstart/probe
     python probe.py --init configs/mixer_flat.yaml --seed 0 --context padded --mask 0,1 --out out/flat
+    python probe.py --checkpoint runs/big/checkpoints --accelerator gpu --devices 4 --out runs/big/probe
 
 Writes results.jsonl, summary.csv/json, PNG curves and heatmaps, report.html and
 an (offline unless credentials) W&B run into --out.
+
+With `--devices N` (and `--num-nodes` under SLURM) Lightning Fabric starts one
+process per device (DDP; gloo on CPU, NCCL on GPUs); the prompts are split over
+them, rank 0 gathers and writes everything once. Per-prompt numbers equal a
+single process's when `--patience` is not set (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from lmrep.checkpoints import CheckpointError, load_checkpoint
 from lmrep.loggers import finish_writing, has_wandb_credentials
 from lmrep.probe import CONTEXTS, FREES, LOSSES, METHODS, OPTIMIZERS, ProbeSettings, calibrate_lr
 from lmrep.report import summary_table, wandb_charts, wandb_scalars, wandb_table, write_report
-from lmrep.runner import (ModelSource, PromptSet, checkpoint_sources, encode_prompts, parse_blocks, parse_ints,
-                          read_prompt_file, run_probe, validation_prompts)
+from lmrep.runner import (ModelSource, PromptSet, Shard, checkpoint_sources, encode_prompts, parse_blocks,
+                          parse_ints, read_prompt_file, run_probe, validation_prompts)
 from models import build_model
 
 
@@ -57,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="pick lr from a small grid on block-1 self recovery")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--no-wandb", action="store_true", help="skip the W&B run")
+    scale = p.add_argument_group("scaling out (Lightning Fabric, DDP): prompts are split over the processes")
+    scale.add_argument("--accelerator", default="cpu", help="cpu, gpu/cuda, or auto (Lightning's names)")
+    scale.add_argument("--devices", type=int, default=1, help="processes per node, one per device")
+    scale.add_argument("--num-nodes", type=int, default=1, help="nodes (SLURM: srun starts the processes)")
     p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
     return p
 
@@ -121,21 +131,51 @@ def log_wandb(rows: list[dict[str, Any]], out_dir: Path, settings: dict[str, Any
     finish_writing()
 
 
+def launch(args: argparse.Namespace, argv: list[str] | None) -> Any:
+    """Start one process per device with Lightning Fabric; None for the plain single CPU process.
+
+    Fabric's DDP launcher starts the other local ranks by re-running this command
+    line (under SLURM, srun has started them already), so several processes need
+    probe.py run as a command, not `main([...])` from inside another program.
+    """
+    if args.devices < 1 or args.num_nodes < 1:
+        raise ValueError(f"--devices and --num-nodes must be >= 1, got {args.devices} and {args.num_nodes}")
+    world = args.devices * args.num_nodes
+    if world == 1 and args.accelerator == "cpu":
+        return None
+    if world > 1 and argv is not None and list(argv) != sys.argv[1:]:
+        raise ValueError("--devices/--num-nodes > 1 need probe.py run as a command: Lightning starts the other "
+                         "processes by re-running the command line")
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+                    strategy="ddp" if world > 1 else "auto")
+    fabric.launch()
+    return fabric
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of probe.py; known faults print one line (full traceback with --debug)."""
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(args, launch(args, argv))
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as err:
         if args.debug or os.environ.get("LMREP_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if Shard.current().is_main:  # every rank fails alike; one line is enough
+            print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def run(args: argparse.Namespace) -> None:
-    """Probe what the arguments name and write every output into --out."""
+def run(args: argparse.Namespace, fabric: Any = None) -> None:
+    """Probe what the arguments name and write every output into --out.
+
+    With a launched `fabric` this runs on every rank: each probes its share of the
+    prompts on its device, and rank 0 alone writes the results, report and W&B run.
+    """
+    shard = Shard.current() if fabric is not None else Shard()
+    device = fabric.device if fabric is not None else None
     contexts = [c.strip() for c in args.context.split(",") if c.strip()]
     bad = [c for c in contexts if c not in CONTEXTS]
     if bad or not contexts:
@@ -147,7 +187,11 @@ def run(args: argparse.Namespace) -> None:
         sources = [ModelSource(name=f"init-seed{args.seed}", step=0, model=model)]
     else:
         sources = checkpoint_sources(args.checkpoint)
-    tokenizer, tok_hash = load_tokenizer_for(args, data_cfg)
+    if fabric is not None:
+        with fabric.rank_zero_first(local=True):  # a tokenizer to train is trained once per node
+            tokenizer, tok_hash = load_tokenizer_for(args, data_cfg)
+    else:
+        tokenizer, tok_hash = load_tokenizer_for(args, data_cfg)
     texts = read_prompt_file(args.prompts) if args.prompts else validation_prompts(args.num_prompts, args.data_dir)
     prompts: PromptSet = encode_prompts(texts, tokenizer, max_tokens=None if args.prompts else args.tokens)
     allowed = None
@@ -162,12 +206,17 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"prompt of {prompts.ids.shape[1]} tokens is longer than the model's context length "
                          f"{first_model.context_length}")
     if args.calibrate:
-        lr, scores = calibrate_lr(first_model, prompts.ids, settings=settings, pad_token_id=tokenizer.pad_token_id,
-                                  prompt_lengths=prompts.lengths)
-        print(f"calibrated lr {lr} (block-1 self recovery by lr: {scores})")
-        settings.lr = lr
+        lr = None
+        if shard.is_main:  # one choice for every rank, even where devices round differently
+            model = first_model if device is None else first_model.to(device)
+            lr, scores = calibrate_lr(model, prompts.ids, settings=settings,
+                                      pad_token_id=tokenizer.pad_token_id, prompt_lengths=prompts.lengths)
+            print(f"calibrated lr {lr} (block-1 self recovery by lr: {scores})")
+        settings.lr = shard.broadcast(lr)
     rows = run_probe(sources, prompts, tokenizer, blocks_spec=args.blocks, masks=masks, settings=settings,
-                     contexts=contexts, out_dir=args.out, tokenizer_hash=tok_hash)
+                     contexts=contexts, out_dir=args.out, tokenizer_hash=tok_hash, shard=shard, device=device)
+    if not shard.is_main:
+        return
     title = f"{rows[0]['family']} ({args.checkpoint or args.init})"
     files = write_report(rows, args.out, title=title)
     if not args.no_wandb:

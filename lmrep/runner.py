@@ -5,6 +5,14 @@ text prompts into token ids, probes a model (an untrained one, one checkpoint,
 or a directory of them in step order), adds the text and identity of every row,
 and keeps `results.jsonl` up to date atomically after every checkpoint so that
 an interrupted run resumes where it stopped and a re-run skips finished work.
+
+A run can be sharded over the processes of a `torch.distributed` process group
+(set up by Lightning: Fabric in probe.py, the Trainer's strategy in training):
+each rank probes its share of the prompts with their global prompt indices, so
+every prompt gets the start noise it gets alone; rank 0 gathers the rows, puts
+them in the single-process order and writes the results file. With
+`patience=None` a prompt's numbers depend only on (seed, prompt index), so a
+sharded run writes the same file as a single process.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
@@ -124,10 +133,18 @@ def settings_id(settings: ProbeSettings, prompts: PromptSet) -> str:
 
 def probe_rows(model: nn.Module, prompts: PromptSet, tokenizer: PreTrainedTokenizerFast, *,
                blocks: Sequence[int], masks: Sequence[int], settings: ProbeSettings, step: int,
-               source: str, pinv: torch.Tensor | None = None) -> list[dict[str, Any]]:
-    """Probe one model and return one plain row per (block, mask, prompt) with its text."""
-    result = probe(model, prompts.ids, blocks=blocks, masks=masks, settings=settings,
-                   pad_token_id=tokenizer.pad_token_id, prompt_lengths=prompts.lengths, pinv=pinv)
+               source: str, pinv: torch.Tensor | None = None,
+               prompt_indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Probe one model and return one plain row per (block, mask, prompt) with its text.
+
+    `prompt_indices` probes only those prompts of the set (with their global indices).
+    """
+    ids, lengths = prompts.ids, prompts.lengths
+    if prompt_indices is not None:
+        # Rows of the full (B, T) batch: the padded width T stays that of the whole set.
+        ids, lengths = ids[list(prompt_indices)], lengths[list(prompt_indices)]
+    result = probe(model, ids, blocks=blocks, masks=masks, settings=settings, prompt_indices=prompt_indices,
+                   pad_token_id=tokenizer.pad_token_id, prompt_lengths=lengths, pinv=pinv)
     rows = []
     for row in result.rows():
         row["prompt"] = prompts.texts[row["prompt_index"]]
@@ -139,6 +156,80 @@ def probe_rows(model: nn.Module, prompts: PromptSet, tokenizer: PreTrainedTokeni
         row.update(step=step, checkpoint=source, family=model.family)
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------- sharding
+
+# Errors that cross ranks keep their type (probe.py turns these into one-line errors).
+_SHARED_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls for cls in (ValueError, FloatingPointError, FileNotFoundError, RuntimeError)}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a probe sharded over `world_size` processes (rank 0 writes the results)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> Shard:
+        """The shard of this process in the initialised process group; a single process without one."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        """True on the rank that reads and writes the results file."""
+        return self.rank == 0
+
+    def prompt_indices(self, n_prompts: int) -> list[int]:
+        """Global indices of this rank's prompts: a contiguous block, sizes differing by at most one."""
+        base, extra = divmod(n_prompts, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return list(range(start, start + base + (self.rank < extra)))
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _gather_rows(shard: Shard, compute: Any) -> list[dict[str, Any]]:
+    """Run `compute()` on every rank and gather its rows; a failure on any rank is raised on all of them.
+
+    Every rank reaches the gather even when its own part failed, so no rank is left
+    waiting in a collective for one that died.
+    """
+    try:
+        part, failure = compute(), None
+    except Exception as err:  # noqa: BLE001 - passed on to every rank below, then raised
+        if shard.world_size == 1:
+            raise
+        part, failure = [], (type(err).__name__, str(err))
+    gathered = shard.gather((part, failure))
+    failures = [(rank, f) for rank, (_, f) in enumerate(gathered) if f is not None]
+    if failures:
+        rank, (name, message) = failures[0]
+        raise _SHARED_ERRORS.get(name, RuntimeError)(f"{message} (on rank {rank} of {shard.world_size})")
+    return [row for rows, _ in gathered for row in rows]
+
+
+def _single_process_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one probe call in the engine's order: deepest block first, then mask, then prompt."""
+    return sorted(rows, key=lambda r: (-r["block"], r["mask"], r["prompt_index"]))
 
 
 # ---------------------------------------------------------------- results file
@@ -183,10 +274,10 @@ class ModelSource:
     path: Path | None = None
     model: nn.Module | None = None
 
-    def load(self, tokenizer_hash: str | None) -> nn.Module:
-        if self.model is not None:
-            return self.model
-        return load_checkpoint(self.path, tokenizer_hash=tokenizer_hash).model
+    def load(self, tokenizer_hash: str | None, device: torch.device | str | None = None) -> nn.Module:
+        """The model, on `device` when given (an in-memory model is moved there in place)."""
+        model = self.model if self.model is not None else load_checkpoint(self.path, tokenizer_hash=tokenizer_hash).model
+        return model if device is None else model.to(device)
 
 
 def checkpoint_sources(path: str | Path) -> list[ModelSource]:
@@ -203,40 +294,58 @@ def checkpoint_sources(path: str | Path) -> list[ModelSource]:
 def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: PreTrainedTokenizerFast, *,
               blocks_spec: str | Sequence[int], masks: Sequence[int], settings: ProbeSettings,
               contexts: Sequence[str], out_dir: str | Path, tokenizer_hash: str | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True, shard: Shard | None = None,
+              device: torch.device | str | None = None) -> list[dict[str, Any]]:
     """Probe every source in every context, appending to `out_dir/results.jsonl` after each.
 
     Work already in the results file with the same settings is skipped; a results
-    file made with other settings is an error, never mixed.
+    file made with other settings is an error, never mixed. With a `shard` of a
+    process group every rank must call this with the same arguments: each probes its
+    share of the prompts (on `device`), and rank 0 reads and writes the results file.
+    Rank 0 returns every row of the file; the other ranks return this call's new rows.
     """
+    shard = shard or Shard()
     out_dir = Path(out_dir)
-    existing = read_results(out_dir)
+    existing = read_results(out_dir) if shard.is_main else []
     rows = list(existing)
-    done = {(r["checkpoint"], r["step"], r["context"], r["block"], r["mask"]) for r in existing}
     sid = settings_id(settings, prompts)
-    others = {r.get("settings_id") for r in existing} - {sid}
+    done = {(r["checkpoint"], r["step"], r["context"], r["block"], r["mask"]) for r in existing}
+    others = sorted(map(str, {r.get("settings_id") for r in existing} - {sid}))
+    done, others = shard.broadcast((done, others))  # only rank 0 needs to see the output directory
     if others:
         raise ValueError(f"{out_dir / RESULTS_FILE} holds results made with other settings "
-                         f"({', '.join(sorted(map(str, others)))}): use another --out")
-    bar = tqdm(total=len(sources) * len(contexts), desc="probing", unit="run", disable=not progress)
+                         f"({', '.join(others)}): use another --out")
+    mine = shard.prompt_indices(len(prompts))
+    gathered: list[dict[str, Any]] = []
+    bar = tqdm(total=len(sources) * len(contexts), desc="probing", unit="run", disable=not (progress and shard.is_main))
     for source in sources:
         model = None
         for context in contexts:
             bar.set_postfix_str(f"{source.name} {context}")
             run_settings = dataclasses.replace(settings, context=context)
             if model is None:
-                model = source.load(tokenizer_hash)
+                model = source.load(tokenizer_hash, device)
                 blocks = parse_blocks(blocks_spec, model.n_blocks)
                 pinv = torch.linalg.pinv(model.embedding_matrix.detach())  # once per checkpoint
             todo = [k for k in blocks if any((source.name, source.step, context, k, m) not in done for m in masks)]
             if todo:
-                new = probe_rows(model, prompts, tokenizer, blocks=todo, masks=masks, settings=run_settings,
-                                 step=source.step, source=source.name, pinv=pinv)
+                def compute() -> list[dict[str, Any]]:
+                    if not mine:  # more ranks than prompts
+                        return []
+                    return probe_rows(model, prompts, tokenizer, blocks=todo, masks=masks, settings=run_settings,
+                                      step=source.step, source=source.name, pinv=pinv,
+                                      prompt_indices=mine if shard.world_size > 1 else None)
+
+                new = _gather_rows(shard, compute)
+                if shard.world_size > 1:
+                    new = _single_process_order(new)
                 for row in new:
                     row["settings_id"] = sid
+                gathered.extend(new)
                 redo = {(source.name, source.step, context, k) for k in todo}
                 rows = [r for r in rows if (r["checkpoint"], r["step"], r["context"], r["block"]) not in redo] + new
-                write_results(out_dir, rows)
+                if shard.is_main:
+                    write_results(out_dir, rows)
             bar.update(1)
     bar.close()
-    return rows
+    return rows if shard.is_main else gathered
