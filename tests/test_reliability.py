@@ -49,6 +49,12 @@ STEP0 = "step=000000.ckpt"
 # ---- helpers -------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests check the user's one-line errors, so a debugging LMREP_DEBUG=1 must not leak in."""
+    monkeypatch.delenv("LMREP_DEBUG", raising=False)
+
+
 class StopAtStep(L.Callback):
     """Ends training after `step` optimiser steps, as an interruption would (after that step's checkpoint)."""
 
@@ -550,9 +556,10 @@ def test_user_sees_one_line_from_train_py(tmp_path: Path, data_cache: Path) -> N
     assert bad.stderr.strip().splitlines()[-1] == "error: d_model must be >= 1, got 0"
     assert "Traceback" not in bad.stderr and not (tmp_path / "other").exists()
 
-    debug = run_train(["fit", "--config", str(cfg), "--run_dir", str(tmp_path / "other"),
-                       "--model.model.init_args.config.d_model", "0", "--debug"])
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    # --debug (or LMREP_DEBUG=1) gives the traceback instead
+    with pytest.raises(ValueError, match="d_model must be >= 1, got 0"):
+        main(["fit", "--config", str(cfg), "--run_dir", str(tmp_path / "other"),
+              "--model.model.init_args.config.d_model", "0", "--debug"])
 
 
 # ---- the probe: bad input, faults, re-runs -----------------------------------------------------
