@@ -1,4 +1,9 @@
-"""A WandbLogger that goes offline without credentials and continues its run on resume."""
+"""A WandbLogger that goes offline without credentials and continues its run on resume.
+
+Under DDP every process builds the logger, but only global rank 0 creates the W&B
+run and owns the run id file (other ranks log nothing: WandbLogger's experiment is
+a dummy there), so a multi-process run is one W&B run.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,15 @@ def has_wandb_credentials() -> bool:
         return "api.wandb.ai" in netrc.read_text()
     except OSError:
         return False
+
+
+def is_global_rank_zero() -> bool:
+    """True in the process that will be global rank 0, also before the process group exists.
+
+    Lightning sets `rank_zero_only.rank` at import from RANK, LOCAL_RANK or SLURM_PROCID;
+    LOCAL_RANK alone is 0 on every node, so a NODE_RANK other than 0 rules a process out.
+    """
+    return rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
 def persistent_run_id(save_dir: str | Path) -> str:
@@ -61,7 +75,8 @@ class RunLogger(WandbLogger):
         if offline is None:
             offline = not has_wandb_credentials() or os.environ.get("WANDB_MODE") == "offline"
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        kwargs.setdefault("id", persistent_run_id(save_dir))
+        if is_global_rank_zero():  # the other ranks never start a W&B run, so they need no id
+            kwargs.setdefault("id", persistent_run_id(save_dir))
         kwargs.setdefault("resume", "allow")
         super().__init__(save_dir=save_dir, project=project, name=name or Path(save_dir).name, offline=offline, **kwargs)
 
