@@ -62,7 +62,7 @@ class LanguageModelModule(L.LightningModule):
             min_lr_ratio: cosine decay ends at `lr * min_lr_ratio` at the run's last step.
         """
         super().__init__()
-        if lr <= 0:
+        if not lr > 0:  # also refuses nan
             raise ValueError(f"lr must be positive, got {lr}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -85,7 +85,9 @@ class LanguageModelModule(L.LightningModule):
         loss, _ = self._shared_step(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss, prog_bar=True)
+        # Under DDP each rank's loss is the mean over its shard; sync_dist logs their mean, the
+        # global batch's loss (rows hold equal token counts when packed): one scalar all-reduce.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
