@@ -132,6 +132,12 @@ def test_ddp_training_matches_one_process(tmp_path: Path, data_cache: Path) -> N
     def val_losses(run: Path) -> dict[int, float]:
         return {r["trainer/global_step"]: r["val/loss"] for r in read_offline_history(run) if "val/loss" in r}
 
+    def train_losses(run: Path) -> dict[int, float]:
+        return {r["trainer/global_step"]: r["train/loss"] for r in read_offline_history(run) if "train/loss" in r}
+
+    expected = train_losses(tmp_path / "single")  # the logged curve is the global batch's, not rank 0's shard
+    assert len(expected) == STEPS
+    assert train_losses(ddp_run) == pytest.approx(expected, rel=1e-5)
     expected = val_losses(tmp_path / "single")
     assert len(expected) == STEPS // 3
     assert val_losses(ddp_run) == pytest.approx(expected, rel=1e-5)
