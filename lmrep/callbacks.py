@@ -103,7 +103,8 @@ class SampleGenerations(L.Callback):
                 logger.log_text("samples", columns=["step", "mode", "prompt", "continuation"], data=self.history,
                                 step=trainer.global_step)
         step, _, prompt, text = rows[0]
-        message = f"[step {step}] {prompt} ->{text!r}"
+        flat = text.replace("\n", " / ")
+        message = f"[step {step}] {prompt} >>>{flat}"
         if trainer.progress_bar_callback is not None:
             trainer.progress_bar_callback.print(message)  # keeps the bar intact
         else:
