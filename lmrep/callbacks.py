@@ -13,25 +13,32 @@ from torch import Tensor
 
 
 class TokensPerSecond(L.Callback):
-    """Logs training throughput (`train/tokens_per_sec`) measured between batch ends."""
+    """Logs `train/tokens_per_sec`: tokens over the time spent in training steps, per logging window.
+
+    Only the span from batch start to batch end counts (forward, backward, optimiser
+    step), so validation, checkpointing and probing between steps never dilute it.
+    """
 
     def __init__(self) -> None:
-        self._last: float | None = None
+        self._batch_start = 0.0
+        self._seconds = 0.0
+        self._tokens = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict[str, Tensor], batch_idx: int
     ) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            tokens = batch["input_ids"].numel() * trainer.world_size
-            pl_module.log("train/tokens_per_sec", tokens / (now - self._last), prog_bar=True)
-        self._last = now
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = None  # validation time is not training time
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = None
+        log_now = trainer.global_step % trainer.log_every_n_steps == 0
+        if log_now and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # count the queued GPU work in this window
+        self._seconds += time.perf_counter() - self._batch_start
+        self._tokens += batch["input_ids"].numel() * trainer.world_size
+        if log_now:
+            pl_module.log("train/tokens_per_sec", self._tokens / self._seconds)
+            self._seconds, self._tokens = 0.0, 0
 
 
 @torch.no_grad()
