@@ -165,6 +165,14 @@ class ProbeCallback(L.Callback):
         self.every_n_train_steps = every_n_train_steps
         self.out_subdir = out_subdir
         self._probed: set[int] = set()
+        # [step, loss] pairs, drawn above the recovery curves; kept in checkpoints across a resume.
+        self.losses: dict[str, list[list[float]]] = {"train": [], "val": []}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self.losses}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.losses = state_dict.get("losses", self.losses)
 
     def _interval(self, trainer: L.Trainer) -> int:
         if self.every_n_train_steps is not None:
@@ -217,8 +225,17 @@ class ProbeCallback(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % self._interval(trainer) == 0:
+        step = trainer.global_step
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and step % trainer.log_every_n_steps == 0:
+            self.losses["train"].append([step, float(loss)])
+        if step % self._interval(trainer) == 0:
             self._probe(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None and not trainer.sanity_checking:
+            self.losses["val"].append([trainer.global_step, float(loss)])
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -229,7 +246,8 @@ class ProbeCallback(L.Callback):
         rows = read_results(self._out_dir(trainer))
         if not rows:
             return
-        write_report(rows, self._out_dir(trainer), title=f"{pl_module.model.family} run {trainer.default_root_dir}")
+        write_report(rows, self._out_dir(trainer), title=f"{pl_module.model.family} run {trainer.default_root_dir}",
+                     losses=self.losses)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.log({**wandb_charts(summary_table(rows)), "probe/reconstructions": wandb_table(rows)})

@@ -86,13 +86,31 @@ def plot_heatmaps(summary: Sequence[dict[str, Any]], out_dir: Path, title: str =
     return paths
 
 
-def plot_curves(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "") -> list[Path]:
-    """Per context: recovery vs training step, one line per block; self and non-self panels per mask."""
+def plot_curves(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "",
+                losses: dict[str, Sequence[Sequence[float]]] | None = None) -> list[Path]:
+    """Per context: recovery vs training step, one line per block; self and non-self panels per mask.
+
+    With `losses` ({"train": [[step, loss], ...], "val": ...}) a top row shows the
+    loss curves on the same step axis, so training and invertibility read together.
+    """
     paths = []
+    top = 1 if losses else 0
     for context in sorted({s["context"] for s in summary}):
         masks = sorted({s["mask"] for s in summary if s["context"] == context})
-        fig, axes = plt.subplots(len(masks), 2, figsize=(10, 2.8 * len(masks) + 0.8), squeeze=False, sharey=True)
-        for i, mask in enumerate(masks):
+        n_rows = len(masks) + top
+        fig, axes = plt.subplots(n_rows, 2, figsize=(10, 2.8 * n_rows + 0.8), squeeze=False, sharex=True)
+        if losses:
+            ax = axes[0, 0]
+            for name, points in losses.items():
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if name == "val" else None,
+                            ms=3, label=f"{name} loss")
+            ax.set_ylabel("cross-entropy")
+            ax.set_title("language-model loss", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            axes[0, 1].axis("off")
+        for i, mask in enumerate(masks, start=top):
             for j, (metric, label) in enumerate(PANELS):
                 ax = axes[i, j]
                 if metric == "nonself_acc" and mask == 0:
@@ -168,13 +186,14 @@ td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} .ok{background:#c8
     return path
 
 
-def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str = "lmrep probe") -> dict[str, Path]:
-    """Summary, plots and HTML for a set of result rows; returns the files written."""
+def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str = "lmrep probe",
+                 losses: dict[str, Sequence[Sequence[float]]] | None = None) -> dict[str, Path]:
+    """Summary, plots and HTML for a set of result rows (and the run's loss curves, if given)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summary_table(rows)
     write_summary(out_dir, summary)
-    images = plot_curves(summary, out_dir, title) + plot_heatmaps(summary, out_dir, title)
+    images = plot_curves(summary, out_dir, title, losses) + plot_heatmaps(summary, out_dir, title)
     settings = {k: rows[0][k] for k in ("family", "method", "loss_fn", "optimizer", "lr", "steps", "free", "top_k",
                                         "init_scale", "baseline_shift", "seed", "patience", "settings_id")
                 if rows and k in rows[0]}
