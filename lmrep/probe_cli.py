@@ -9,8 +9,8 @@ an (offline unless credentials) W&B run into --out.
 
 With `--devices N` (and `--num-nodes` under SLURM) Lightning Fabric starts one
 process per device (DDP; gloo on CPU, NCCL on GPUs); the prompts are split over
-them, rank 0 gathers and writes everything once. Per-prompt numbers equal a
-single process's when `--patience` is not set (docs/scaling.md).
+them, rank 0 gathers and writes everything once: the rows one process writes
+(to floating-point rounding) when `--patience` is not set (docs/scaling.md).
 """
 
 from __future__ import annotations

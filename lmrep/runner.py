@@ -12,7 +12,9 @@ each rank probes its share of the prompts with their global prompt indices, so
 every prompt gets the start noise it gets alone; rank 0 gathers the rows, puts
 them in the single-process order and writes the results file. With
 `patience=None` a prompt's numbers depend only on (seed, prompt index), so a
-sharded run writes the same file as a single process.
+sharded run writes the rows a single process writes: the same decoded tokens and
+accuracies, and floats equal up to rounding (a BLAS may pick other kernels for
+another batch shape; for small models they are bitwise equal).
 """
 
 from __future__ import annotations

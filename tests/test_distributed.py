@@ -35,6 +35,7 @@ STEPS = 6
 # turns that rounding noise into lr-sized steps whose sign depends on the summation order.
 # It has no effect on any output, so it is compared through the logits instead.
 NO_EFFECT_PARAMETERS = (".mix.mix.bias",)
+FLOAT_FIELDS = {"loss", "final_loss", "distance_ratio"}  # probe result fields that are optimisation outputs
 SUBPROCESS_TIMEOUT_S = 600  # a hang (a rank waiting in a collective) fails the test instead of blocking CI
 PROMPTS = ["Once upon a time, there was a little dog.", "Lily liked to play in the park with her ball.",
            "The sun was hot, so Tom went to swim.", "A big red bird sat on the tree and sang.",
@@ -162,14 +163,25 @@ def test_sharded_probe_writes_what_one_process_writes(tmp_path: Path, data_cache
 
     single, sharded = read_results(tmp_path / "single"), read_results(tmp_path / "sharded")
     assert len(single) == 2 * 2 * len(PROMPTS) * 2  # blocks x masks x prompts x contexts
-
-    def by_row(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-        return {(r["context"], r["block"], r["mask"], r["prompt_index"]): r for r in rows}
-
-    assert by_row(sharded) == by_row(single)  # every field of every row, floats exactly
-    # rank 0 also puts them in the single-process order: the same file, byte for byte
-    assert (tmp_path / "sharded" / RESULTS_FILE).read_bytes() == (tmp_path / "single" / RESULTS_FILE).read_bytes()
-    assert (tmp_path / "sharded" / "summary.json").read_text() == (tmp_path / "single" / "summary.json").read_text()
+    key = ("context", "block", "mask", "prompt_index")
+    # rank 0 writes the rows in the single-process order
+    assert [tuple(r[k] for k in key) for r in sharded] == [tuple(r[k] for k in key) for r in single]
+    for a, b in zip(single, sharded):
+        assert set(a) == set(b)
+        # Decoded tokens, accuracies and counts are the same. Floats are the same in exact
+        # arithmetic; a BLAS may pick other kernels for another batch shape or thread count, so
+        # they are compared to rounding (on the machine this was written on they are bitwise equal).
+        for field in sorted(set(a) - FLOAT_FIELDS - {"topk_ids"}):
+            assert b[field] == a[field], (field, [a[k] for k in key])
+        for field in FLOAT_FIELDS:
+            assert b[field] == pytest.approx(a[field], rel=1e-4, abs=1e-7), (field, [a[k] for k in key])
+        assert [ids[0] for ids in b["topk_ids"]] == a["recovered_ids"]
+    summary = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("single", "sharded")]
+    assert len(summary[0]) == len(summary[1]) == 2 * 2 * 2
+    for a, b in zip(*summary):
+        for field, value in a.items():
+            assert b[field] == (value if "acc" in field or not isinstance(value, float)
+                                else pytest.approx(value, rel=1e-4)), field
     assert (tmp_path / "sharded" / "report.html").exists()
 
     # re-running sharded skips finished work and leaves the file as it is
