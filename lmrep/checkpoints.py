@@ -75,7 +75,8 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.global_step != 0:
             return
         path = Path(self.dirpath) / f"{STEP_FILENAME.format(step=0)}{self.FILE_EXTENSION}"
-        if not path.exists():
+        # Rank 0 decides for every rank: saving is collective (it ends in a barrier).
+        if not trainer.strategy.broadcast(path.exists()):
             self._save_checkpoint(trainer, str(path))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
