@@ -12,7 +12,9 @@ sorted by block, deepest first, so that the rows still needing block j always
 form a prefix and one `run_blocks(h[:alive], j, j + 1)` per block serves them
 all. The total loss is the sum of per-row losses, so each row gets exactly the
 gradient it would get alone, and its start noise depends only on
-(seed, prompt index): a prompt probed alone gives the same numbers.
+(seed, prompt index): a prompt probed alone gives the same numbers. With
+`patience`, each row stops on its own criterion and the batch shrinks to the rows
+still running, so the cost follows the unconverged rows.
 
 The engine touches nothing but the surface: `family`, `n_blocks`,
 `context_length`, `embedding_matrix`, `embed` and `run_blocks`.
@@ -111,8 +113,10 @@ class ProbeSettings:
     allowed_tokens: list[int] | None = None
     """Restricted-vocabulary decoding: only these token ids can be decoded."""
     patience: int | None = None
-    """Stop early once every row's top-1 decode is unchanged for this many steps (checked
-    every CHECK_EVERY steps); None runs all steps. Makes a row's result depend on its batch."""
+    """Retire each row once its top-1 decode (over its real, optimised prompt positions) is
+    unchanged for this many steps, checked every CHECK_EVERY steps (so rounded up to a
+    multiple of it); a retired row keeps its x and later steps run only the others. A row's
+    result still depends only on itself. None runs every row for all steps."""
     max_rows: int | None = None
     """Solve at most this many (block, mask, prompt) rows at once, to bound memory."""
 
@@ -242,10 +246,11 @@ def _prompt_noise(prompt_indices: Sequence[int], shape: tuple[int, int], seed: i
     return torch.stack(draws).to(device=device, dtype=dtype)
 
 
-def _forward_rows(model: nn.Module, x: Tensor, alive: list[int]) -> Tensor:
-    """Each row's hidden state after its own block, rows sorted by block descending.
+def _forward_pieces(model: nn.Module, x: Tensor, alive: list[int]) -> list[Tensor]:
+    """Each row's hidden state after its own block, one piece per block, rows sorted by block descending.
 
-    alive[j] = number of rows whose block is >= j (a prefix), alive[k_max + 1] = 0.
+    alive[j] = number of rows whose block is >= j (a prefix), alive[k_max + 1] = 0; the
+    pieces, deepest block first, concatenate to the rows in order.
     """
     pieces = []
     h = x  # (alive[0], t, d): state after j blocks for the rows that need it
@@ -253,13 +258,25 @@ def _forward_rows(model: nn.Module, x: Tensor, alive: list[int]) -> Tensor:
         pieces.append(h[alive[j + 1]:])  # rows whose block is j are done
         if alive[j + 1] > 0:
             h = model.run_blocks(h[: alive[j + 1]], j, j + 1)
-    return torch.cat(pieces[::-1])  # deepest block first = row order
+    return pieces[::-1]
 
 
-def _row_losses(out: Tensor, target: Tensor, region: Tensor, settings: ProbeSettings) -> Tensor:
-    """Per-row mean distance over each row's loss region (R, T) -> (R,)."""
-    weight = region.to(out.dtype)  # (R, T)
-    n_pos = weight.sum(1).clamp_min(1)
+def _forward_rows(model: nn.Module, x: Tensor, alive: list[int]) -> Tensor:
+    """Each row's hidden state after its own block (R, t, d), rows sorted by block descending."""
+    return torch.cat(_forward_pieces(model, x, alive))
+
+
+def _alive_counts(blocks: Sequence[int]) -> list[int]:
+    """alive[j] = number of rows whose block is >= j, for j = 0..max block + 1 (blocks sorted descending)."""
+    return [sum(b >= j for b in blocks) for j in range(blocks[0] + 2)]
+
+
+def _row_losses(out: Tensor, target: Tensor, weight: Tensor, n_pos: Tensor, settings: ProbeSettings) -> Tensor:
+    """Per-row mean distance over each row's loss region -> (R,).
+
+    weight (R, T) is the region as floats and n_pos (R,) its clamped size, both
+    computed once per solve rather than per step.
+    """
     d = out.shape[-1]
 
     def elementwise(values: Tensor) -> Tensor:
@@ -320,6 +337,7 @@ class _Rows:
     true_embed: Tensor  # (R, Tc, d) E[a]
     region: Tensor  # (R, Tc) bool: loss positions (>= m)
     free: Tensor  # (R, Tc, 1) bool: positions that are optimised
+    watch: Tensor  # (R, T) bool: prompt positions whose top-1 the patience check watches (real and free)
     init: Tensor  # (R, Tc, d) or (R, Tc, V) start
     shift: Tensor  # (R, Tc, d) baseline noise, already scaled
     alive: list[int]
@@ -327,71 +345,136 @@ class _Rows:
     masks: list[int]
 
 
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which the engine used before its Adam was by hand
+ADAM_EPS = 1e-8
+
+
 def _solve(model: nn.Module, rows: _Rows, w_e: Tensor, pinv: Tensor, t_prompt: int,
-           settings: ProbeSettings) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Optimise one chunk; returns (decoding logits (R, T, V'), final loss (R,), ratio (R,), steps run)."""
-    onehot = settings.method == "onehot"
-    param = rows.init.clone().requires_grad_(True)
-    weights = _row_weights(rows.region, w_e.shape[1], settings)
+           settings: ProbeSettings) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Optimise one chunk; returns (decoding logits (R, T, V'), final loss (R,), ratio (R,), steps run (R,)).
 
-    def assemble() -> Tensor:
-        x = torch.softmax(param, -1) @ w_e if onehot else param
-        return torch.where(rows.free, x, rows.true_embed)  # held positions stay true
-
-    def decode() -> Tensor:
-        source = param if onehot else assemble()
-        return decoding_logits(source[:, :t_prompt], None if onehot else pinv, settings.allowed_tokens)
-
-    if settings.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam([param], lr=settings.lr)
-    else:
-        opt = torch.optim.SGD([param], lr=settings.lr)
-    first_bad = torch.full((param.shape[0],), -1, dtype=torch.long, device=param.device)
-    last_ids = None
-    last_change = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
+    The optimiser (Adam or GD) is written out on the row tensors so that its state
+    can follow the rows: with patience, a row whose top-1 decode has settled is
+    retired (its x is its answer) and every per-row tensor is compacted to the
+    rows still active. Compaction keeps the order, so the rows needing block j
+    stay a prefix. Only check steps (every CHECK_EVERY) sync with the host.
+    """
+    onehot, adam = settings.method == "onehot", settings.optimizer == "adam"
+    hold = settings.free == "masked"  # else every position is free: no per-step where
+    n_rows = rows.init.shape[0]
+    lr = float(settings.lr)  # type: ignore[arg-type]
     decay = (1 - LR_FINAL_FRACTION) / max(settings.steps - 1, 1)
-    steps_run = settings.steps
+    beta1, beta2 = ADAM_BETAS
+    # Check-step decoding: scores over the allowed columns, argmax only (ids need not be mapped back).
+    allowed = None if settings.allowed_tokens is None else torch.tensor(settings.allowed_tokens, device=w_e.device)
+    check_pinv = pinv if allowed is None else pinv[:, allowed]
+
+    def assemble(x: Tensor, free: Tensor, true_embed: Tensor | None) -> Tensor:
+        e = torch.softmax(x, -1) @ w_e if onehot else x
+        return torch.where(free, e, true_embed) if hold else e  # held positions stay true
+
+    def check_ids(x: Tensor) -> Tensor:
+        xt = x[:, :t_prompt]
+        if onehot:
+            return (xt if allowed is None else xt[..., allowed]).argmax(-1)
+        return (xt @ check_pinv).argmax(-1)
+
+    # Per-row state of the active rows (all of them at first), compacted together as rows retire.
+    weight = rows.region.to(rows.target.dtype)  # (R, Tc)
+    state: dict[str, Tensor] = {
+        "index": torch.arange(n_rows, device=rows.init.device),  # chunk row of each active row
+        "target": rows.target, "weight": weight, "n_pos": weight.sum(1).clamp_min(1),
+        "row_weight": _row_weights(rows.region, w_e.shape[1], settings), "watch": rows.watch,
+        "first_bad": torch.full((n_rows,), -1, dtype=torch.long, device=rows.init.device),
+    }
+    if hold:
+        state.update(free=rows.free, true_embed=rows.true_embed)
+    if adam:
+        state.update(exp_avg=torch.zeros_like(rows.init), exp_avg_sq=torch.zeros_like(rows.init))
+    x = rows.init.clone().requires_grad_(True)
+    blocks, masks, alive = list(rows.blocks), list(rows.masks), list(rows.alive)
+    final_x = torch.empty_like(rows.init)  # each row's answer, written when it retires or at the end
+    steps_run = torch.full((n_rows,), settings.steps, dtype=torch.long)
+
     for step in range(settings.steps):
-        opt.param_groups[0]["lr"] = settings.lr * (1 - decay * step)
-        opt.zero_grad(set_to_none=True)
-        row_loss = _row_losses(_forward_rows(model, assemble(), rows.alive), rows.target, rows.region, settings)
-        (row_loss * weights).sum().backward()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(row_loss.detach()), step, first_bad)
-        opt.step()
+        lr_now = lr * (1 - decay * step)
+        inputs = assemble(x, state.get("free"), state.get("true_embed"))  # type: ignore[arg-type]
+        # Losses piece by piece (rows of block j are alive[j + 1]:alive[j]), not on a concatenated output.
+        row_loss = torch.cat([
+            _row_losses(out, state["target"][lo:hi], state["weight"][lo:hi], state["n_pos"][lo:hi], settings)
+            for lo, hi, out in zip(alive[-1:0:-1], alive[-2::-1], _forward_pieces(model, inputs, alive)) if hi > lo
+        ])
+        (grad,) = torch.autograd.grad((row_loss * state["row_weight"]).sum(), x)
+        with torch.no_grad():
+            bad = ~torch.isfinite(row_loss) & (state["first_bad"] < 0)
+            state["first_bad"].masked_fill_(bad, step)
+            if adam:  # torch.optim.Adam's single-tensor update, step for step
+                t = step + 1
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = exp_avg_sq.sqrt().div_((1 - beta2**t) ** 0.5).add_(ADAM_EPS)
+                x.addcdiv_(exp_avg, denom, value=-lr_now / (1 - beta1**t))
+            else:
+                x.add_(grad, alpha=-lr_now)
+        del grad, row_loss, inputs
+
         is_last = step == settings.steps - 1
         if (step + 1) % CHECK_EVERY == 0 or is_last:
-            _raise_if_bad(first_bad, rows)
-            if settings.patience is not None and not is_last:
-                with torch.no_grad():
-                    ids = decode().argmax(-1)
-                if last_ids is not None:
-                    last_change = torch.where((ids != last_ids).any(1), step, last_change)
-                last_ids = ids
-                if step - int(last_change.max()) >= settings.patience:
-                    steps_run = step + 1
+            _raise_if_bad(state["first_bad"], blocks, masks)
+            if settings.patience is None or is_last:
+                continue
+            with torch.no_grad():
+                ids = check_ids(x)  # (Ra, T)
+                if "last_ids" not in state:  # first look: a decode counts as unchanged from here on
+                    state["last_ids"] = ids
+                    state["last_change"] = torch.full_like(state["index"], step)
+                    continue
+                changed = ((ids != state["last_ids"]) & state["watch"]).any(1)
+                state["last_change"].masked_fill_(changed, step)
+                state["last_ids"] = ids
+                keep = step - state["last_change"] < settings.patience
+                kept = keep.nonzero().squeeze(1)  # the host sync of this check
+                if kept.shape[0] == keep.shape[0]:
+                    continue
+                done = (~keep).nonzero().squeeze(1)
+                final_x.index_copy_(0, state["index"][done], x.index_select(0, done))
+                steps_run[state["index"][done].cpu()] = step + 1
+                if kept.shape[0] == 0:
                     break
+                kept_list = kept.tolist()
+                blocks = [blocks[i] for i in kept_list]  # still descending: alive rows stay a prefix
+                masks = [masks[i] for i in kept_list]
+                alive = _alive_counts(blocks)
+                state = {name: value.index_select(0, kept) for name, value in state.items()}
+                x = x.index_select(0, kept).requires_grad_(True)
+    else:
+        with torch.no_grad():
+            final_x.index_copy_(0, state["index"], x)
 
     with torch.no_grad():
-        out = _forward_rows(model, assemble(), rows.alive)
-        final = _row_losses(out, rows.target, rows.region, settings)
+        final_in = assemble(final_x, rows.free, rows.true_embed)
+        out = _forward_rows(model, final_in, rows.alive)
+        weight = rows.region.to(out.dtype)
+        final = _row_losses(out, rows.target, weight, weight.sum(1).clamp_min(1), settings)
         shifted_input = torch.where(rows.free, rows.true_embed + rows.shift, rows.true_embed)
         shifted = _forward_rows(model, shifted_input, rows.alive)
         ratio = metrics.distance_ratio(out, shifted, rows.target, rows.region)
-        logits = decode()
+        source = final_x if onehot else final_in
+        logits = decoding_logits(source[:, :t_prompt], None if onehot else pinv, settings.allowed_tokens)
     bad = ~torch.isfinite(final)
     if bad.any():
-        first_bad = torch.where(bad, settings.steps, first_bad)
-        _raise_if_bad(first_bad, rows)
+        _raise_if_bad(torch.where(bad, settings.steps, -1), rows.blocks, rows.masks)
     return logits, final, ratio, steps_run
 
 
-def _raise_if_bad(first_bad: Tensor, rows: _Rows) -> None:
-    """Raise FloatingPointError naming the first non-finite step, block and mask."""
+def _raise_if_bad(first_bad: Tensor, blocks: Sequence[int], masks: Sequence[int]) -> None:
+    """Raise FloatingPointError naming the first non-finite step, block and mask (of rows in this order)."""
     bad = first_bad >= 0
     if bool(bad.any()):
         r = int(torch.nonzero(bad)[first_bad[bad].argmin()])
         raise FloatingPointError(
-            f"non-finite probe loss at step {int(first_bad[r])}, block {rows.blocks[r]}, mask {rows.masks[r]}"
+            f"non-finite probe loss at step {int(first_bad[r])}, block {blocks[r]}, mask {masks[r]}"
         )
 
 
@@ -513,15 +596,14 @@ def probe(
             free = (~region if settings.free == "masked" else torch.ones_like(region))[..., None]
             rows = _Rows(
                 target=targets[rb, rp], true_embed=embeds[rp], region=region, free=free,
-                init=init[rp], shift=shift[rp],
-                alive=[sum(b >= j for b in chunk_blocks) for j in range(chunk_blocks[0] + 2)],
-                blocks=chunk_blocks, masks=row_mask[sl].tolist(),
+                watch=real[rp, :t_prompt] & free[:, :t_prompt, 0], init=init[rp], shift=shift[rp],
+                alive=_alive_counts(chunk_blocks), blocks=chunk_blocks, masks=row_mask[sl].tolist(),
             )
             logits, final, ratio, steps_run = _solve(model, rows, w_e, pinv, t_prompt, settings)
             logits_parts.append(topk_ids(logits, settings.top_k, settings.allowed_tokens))
             loss_parts.append(final)
             ratio_parts.append(ratio)
-            steps_parts.append(torch.full((sl.stop - sl.start,), steps_run, dtype=torch.long))
+            steps_parts.append(steps_run)
 
     topk = torch.cat(logits_parts).cpu()
     recovered = topk[..., 0]

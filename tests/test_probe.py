@@ -301,6 +301,47 @@ def test_patience_stops_early_once_decodes_settle() -> None:
     assert result.exact.all()
 
 
+@pytest.mark.parametrize("optimizer,lr", [("adam", 0.05), ("gd", 0.05)])
+def test_patience_retires_each_row_on_its_own(optimizer: str, lr: float) -> None:
+    # Each row stops on its own decode, so a row's result and stopping step do not depend on its batch.
+    model = flat_mixer(32, n_blocks=2, context_length=16)
+    prompts = random_prompts(3, 6)
+    settings = ProbeSettings(optimizer=optimizer, lr=lr, steps=300, patience=20)
+    batched = probe(model, prompts, blocks=[0, 1, 2], masks=[0, 2], pad_token_id=PAD, settings=settings)
+    assert len(set(batched.steps_run.tolist())) > 1  # rows stopped at different steps
+    assert int(batched.steps_run.max()) < settings.steps
+    for r in range(batched.block.shape[0]):
+        p, k, m = int(batched.prompt_index[r]), int(batched.block[r]), int(batched.mask[r])
+        alone = probe(model, prompts[p:p + 1], blocks=[k], masks=[m], prompt_indices=[p],
+                      pad_token_id=PAD, settings=settings)
+        assert int(alone.steps_run[0]) == int(batched.steps_run[r]), (p, k, m)
+        assert torch.equal(alone.recovered_ids[0], batched.recovered_ids[r]), (p, k, m)
+        torch.testing.assert_close(alone.loss[0], batched.loss[r], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(alone.distance_ratio[0], batched.distance_ratio[r], rtol=1e-4, atol=1e-6)
+
+
+def test_patience_keeps_the_recovery_of_a_full_run(story_prompts: tuple[Tensor, int]) -> None:
+    prompts, pad = story_prompts
+    model = flat_mixer(64)
+    full, early = (probe(model, prompts, blocks=[1], masks=[0], pad_token_id=pad,
+                         settings=ProbeSettings(patience=patience)) for patience in (None, 50))
+    assert full.exact.all() and early.exact.all()
+    assert torch.equal(full.recovered_ids, early.recovered_ids)
+    assert int(early.steps_run.max()) < 500 and (full.steps_run == 500).all()
+
+
+def test_patience_watches_only_real_optimised_positions() -> None:
+    # With free="masked" only the masked positions move; a held position never delays retirement,
+    # and padding positions of a short prompt are not watched either.
+    model = flat_mixer(32, n_blocks=1, context_length=16)
+    prompts = random_prompts(2, 8)
+    result = probe(model, prompts, blocks=[1], masks=[0, 2], prompt_lengths=torch.tensor([8, 5]), pad_token_id=PAD,
+                   settings=ProbeSettings(lr=0.05, steps=300, patience=20, free="masked"))
+    m0 = result.mask == 0
+    assert (result.steps_run[m0] == 30).all()  # nothing optimised: retired at the first possible check
+    assert (result.self_acc[m0] == 1).all() and result.exact[m0].all()
+
+
 def test_rows_are_plain_values_with_settings() -> None:
     result = probe(identity_model(n=1), random_prompts(1, 4), blocks=[1], masks=[1], pad_token_id=PAD,
                    settings=ProbeSettings(lr=0.05, steps=5, allowed_tokens=[2, 3, 4]))
