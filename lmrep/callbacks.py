@@ -204,7 +204,9 @@ class ProbeCallback(L.Callback):
         texts = self.prompts or datamodule.validation_texts(self.num_prompts)
         prompts = encode_prompts(texts, tokenizer, max_tokens=self.tokens)
         settings = ProbeSettings(steps=self.steps, patience=self.patience)
-        source = ModelSource(name=f"step={step:06d}", step=step, model=pl_module.model)
+        # The run's own weights at this step: one identity per (run directory, step).
+        source = ModelSource(name=f"step={step:06d}", step=step, model=pl_module.model,
+                             source_id=f"{trainer.default_root_dir}:{step}")
         rows = run_probe([source], prompts, tokenizer, blocks_spec=self.blocks, masks=self.masks,
                          settings=settings, contexts=self.contexts, out_dir=self._out_dir(trainer), progress=False)
         summary = summary_table([r for r in rows if r["step"] == step])

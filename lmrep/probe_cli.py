@@ -29,8 +29,8 @@ from lmrep.loggers import finish_writing, has_wandb_credentials
 from lmrep.probe import CONTEXTS, FREES, LOSSES, METHODS, OPTIMIZERS, ProbeSettings, calibrate_lr
 from lmrep.report import summary_table, wandb_charts, wandb_scalars, wandb_table, write_report
 from lmrep.runner import (ModelSource, PromptSet, Shard, checkpoint_sources, encode_prompts, parse_blocks,
-                          parse_ints, read_prompt_file, run_probe, validation_prompts)
-from models import build_model
+                          parse_ints, read_prompt_file, run_probe, untrained_source_id, validation_prompts)
+from models import build_model, model_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +176,9 @@ def run(args: argparse.Namespace, fabric: Any = None) -> None:
     """
     shard = Shard.current() if fabric is not None else Shard()
     device = fabric.device if fabric is not None else None
+    for flag, value in (("--tokens", args.tokens), ("--num-prompts", args.num_prompts), ("--steps", args.steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     contexts = [c.strip() for c in args.context.split(",") if c.strip()]
     bad = [c for c in contexts if c not in CONTEXTS]
     if bad or not contexts:
@@ -184,7 +187,8 @@ def run(args: argparse.Namespace, fabric: Any = None) -> None:
     data_cfg: dict[str, Any] = {}
     if args.init is not None:
         model, data_cfg = untrained_model(args.init, args.seed)
-        sources = [ModelSource(name=f"init-seed{args.seed}", step=0, model=model)]
+        sources = [ModelSource(name=f"init-seed{args.seed}", step=0, model=model,
+                               source_id=untrained_source_id(model_spec(model), args.seed))]
     else:
         sources = checkpoint_sources(args.checkpoint)
     if fabric is not None:

@@ -269,10 +269,15 @@ def write_results(out_dir: str | Path, rows: Iterable[dict[str, Any]]) -> None:
 
 @dataclass
 class ModelSource:
-    """A model to probe: a checkpoint file, or an untrained model built in memory."""
+    """A model to probe: a checkpoint file, or a model in memory (untrained, or the one being trained).
+
+    `source_id` names the weights themselves (a checkpoint's content hash; an untrained
+    model's config and seed), so finished work is only ever reused for the same model.
+    """
 
     name: str
     step: int
+    source_id: str
     path: Path | None = None
     model: nn.Module | None = None
 
@@ -282,6 +287,18 @@ class ModelSource:
         return model if device is None else model.to(device)
 
 
+def file_digest(path: Path) -> str:
+    """Short sha256 of a file's bytes."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def untrained_source_id(spec: dict[str, Any], seed: int) -> str:
+    """Identity of an untrained model: its family, config and initialisation seed."""
+    text = json.dumps({"spec": spec, "seed": seed}, sort_keys=True)
+    return "init-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def checkpoint_sources(path: str | Path) -> list[ModelSource]:
     """A checkpoint file, or every checkpoint of a directory in step order."""
     path = Path(path)
@@ -289,7 +306,7 @@ def checkpoint_sources(path: str | Path) -> list[ModelSource]:
     sources = []
     for p in paths:
         loaded: LoadedCheckpoint = load_checkpoint(p)  # validates the file before any probing starts
-        sources.append(ModelSource(name=p.name, step=loaded.step, path=p))
+        sources.append(ModelSource(name=p.name, step=loaded.step, source_id=file_digest(p), path=p))
     return sources
 
 
@@ -311,43 +328,56 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
     existing = read_results(out_dir) if shard.is_main else []
     rows = list(existing)
     sid = settings_id(settings, prompts)
-    done = {(r["checkpoint"], r["step"], r["context"], r["block"], r["mask"]) for r in existing}
+    done = {(r["source_id"], r["context"], r["block"], r["mask"]) for r in existing}
     others = sorted(map(str, {r.get("settings_id") for r in existing} - {sid}))
-    done, others = shard.broadcast((done, others))  # only rank 0 needs to see the output directory
+    ours = {(src.name, src.step): src.source_id for src in sources}
+    clashes = sorted({r["checkpoint"] for r in existing
+                      if ours.get((r["checkpoint"], r["step"]), r["source_id"]) != r["source_id"]})
+    done, others, clashes = shard.broadcast((done, others, clashes))  # only rank 0 reads the output directory
     if others:
         raise ValueError(f"{out_dir / RESULTS_FILE} holds results made with other settings "
                          f"({', '.join(others)}): use another --out")
+    if clashes:
+        raise ValueError(f"{out_dir / RESULTS_FILE} holds results of another model named {', '.join(clashes)}: "
+                         "use another --out")
     mine = shard.prompt_indices(len(prompts))
     gathered: list[dict[str, Any]] = []
-    bar = tqdm(total=len(sources) * len(contexts), desc="probing", unit="run", disable=not (progress and shard.is_main))
-    for source in sources:
-        model = None
-        for context in contexts:
-            bar.set_postfix_str(f"{source.name} {context}")
-            run_settings = dataclasses.replace(settings, context=context)
-            if model is None:
-                model = source.load(tokenizer_hash, device)
-                blocks = parse_blocks(blocks_spec, model.n_blocks)
-                pinv = torch.linalg.pinv(model.embedding_matrix.detach())  # once per checkpoint
-            todo = [k for k in blocks if any((source.name, source.step, context, k, m) not in done for m in masks)]
-            if todo:
-                def compute() -> list[dict[str, Any]]:
-                    if not mine:  # more ranks than prompts
-                        return []
-                    return probe_rows(model, prompts, tokenizer, blocks=todo, masks=masks, settings=run_settings,
-                                      step=source.step, source=source.name, pinv=pinv,
-                                      prompt_indices=mine if shard.world_size > 1 else None)
+    with tqdm(total=len(sources) * len(contexts), desc="probing", unit="run",
+              disable=not (progress and shard.is_main)) as bar:
+        for source in sources:
+            model = None
+            for context in contexts:
+                bar.set_postfix_str(f"{source.name} {context}")
+                run_settings = dataclasses.replace(settings, context=context)
+                if model is None:
+                    model = source.load(tokenizer_hash, device)
+                    blocks = parse_blocks(blocks_spec, model.n_blocks)
+                    pinv = torch.linalg.pinv(model.embedding_matrix.detach())  # once per checkpoint
+                missing: dict[tuple[int, ...], list[int]] = {}  # missing masks -> blocks missing exactly those
+                for k in blocks:
+                    todo_masks = tuple(m for m in masks if (source.source_id, context, k, m) not in done)
+                    if todo_masks:
+                        missing.setdefault(todo_masks, []).append(k)
+                for todo_masks, todo_blocks in missing.items():
+                    def compute() -> list[dict[str, Any]]:
+                        if not mine:  # more ranks than prompts
+                            return []
+                        try:
+                            return probe_rows(model, prompts, tokenizer, blocks=todo_blocks, masks=todo_masks,
+                                              settings=run_settings, step=source.step, source=source.name,
+                                              pinv=pinv, prompt_indices=mine if shard.world_size > 1 else None)
+                        except FloatingPointError as err:
+                            raise FloatingPointError(f"probing {source.name} ({context} context): {err}") from None
 
-                new = _gather_rows(shard, compute)
-                if shard.world_size > 1:
-                    new = _single_process_order(new)
-                for row in new:
-                    row["settings_id"] = sid
-                gathered.extend(new)
-                redo = {(source.name, source.step, context, k) for k in todo}
-                rows = [r for r in rows if (r["checkpoint"], r["step"], r["context"], r["block"]) not in redo] + new
-                if shard.is_main:
-                    write_results(out_dir, rows)
-            bar.update(1)
-    bar.close()
+                    new = _gather_rows(shard, compute)
+                    if shard.world_size > 1:
+                        new = _single_process_order(new)
+                    for row in new:
+                        row.update(settings_id=sid, source_id=source.source_id)
+                    gathered.extend(new)
+                    redo = {(source.source_id, context, k, m) for k in todo_blocks for m in todo_masks}
+                    rows = [r for r in rows if (r["source_id"], r["context"], r["block"], r["mask"]) not in redo] + new
+                    if shard.is_main:
+                        write_results(out_dir, rows)
+                bar.update(1)
     return rows if shard.is_main else gathered
