@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from data.files import write_text_atomic
 
 VOCAB_SIZE = 4096
 EOS_TOKEN = "<|endoftext|>"
@@ -32,19 +32,6 @@ HASH_CHARS = 16  # 64 bits of sha256: plenty to tell tokenizers apart
 # transformers fills in with an empty template when it wraps the tokenizer, so a
 # saved file and the loaded tokenizer would otherwise hash differently.
 IDENTITY_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "model", "decoder")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
@@ -80,7 +67,7 @@ def train_tokenizer(
             f"tokenizer has {got} tokens, expected {vocab_size}: the training text is too small"
         )
     out_path = Path(out_path)
-    _atomic_write_text(out_path, tok.to_str(pretty=True))
+    write_text_atomic(out_path, tok.to_str(pretty=True))
     return _wrap(tok)
 
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmrep.metrics import summarize  # noqa: E402
-from lmrep.runner import write_atomic  # noqa: E402
+from data.files import write_text_atomic  # noqa: E402
 
 SUMMARY_COLUMNS = ("step", "block", "mask", "context", "n_prompts", "self_acc", "nonself_acc", "self_topk_acc",
                    "nonself_topk_acc", "exact", "final_loss", "distance_ratio", "ratio_below_1")
@@ -40,8 +40,8 @@ def write_summary(out_dir: Path, summary: Sequence[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in summary:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_COLUMNS})
-    write_atomic(out_dir / "summary.csv", buffer.getvalue())
-    write_atomic(out_dir / "summary.json", json.dumps(list(summary), indent=1))
+    write_text_atomic(out_dir / "summary.csv", buffer.getvalue())
+    write_text_atomic(out_dir / "summary.json", json.dumps(list(summary), indent=1))
 
 
 def _grid(summary: Sequence[dict[str, Any]], metric: str, mask: int, context: str) -> tuple[list[int], list[int], np.ndarray]:
@@ -182,7 +182,7 @@ td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} .ok{background:#c8
                 f"{_token_spans(r)}</div>")
         parts.append("</details>")
     path = out_dir / "report.html"
-    write_atomic(path, "\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 

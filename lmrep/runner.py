@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from data.files import write_text_atomic
 from lmrep.checkpoints import LoadedCheckpoint, list_checkpoints, load_checkpoint
 from lmrep.probe import ProbeSettings, probe
 
@@ -245,23 +244,10 @@ def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path via a temp file in the same directory and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results(out_dir: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Replace `results.jsonl` atomically with these rows."""
     text = "".join(json.dumps(row) + "\n" for row in rows)
-    write_atomic(Path(out_dir) / RESULTS_FILE, text)
+    write_text_atomic(Path(out_dir) / RESULTS_FILE, text)
 
 
 # ---------------------------------------------------------------- probing runs
