@@ -392,8 +392,8 @@ def _solve(model: nn.Module, rows: _Rows, w_e: Tensor, pinv: Tensor, t_prompt: i
     if adam:
         state.update(exp_avg=torch.zeros_like(rows.init), exp_avg_sq=torch.zeros_like(rows.init))
     x = rows.init.clone().requires_grad_(True)
+    final_x = x  # (R, ...) every row's answer: x itself until rows retire, then written as they do
     blocks, masks, alive = list(rows.blocks), list(rows.masks), list(rows.alive)
-    final_x = torch.empty_like(rows.init)  # each row's answer, written when it retires or at the end
     steps_run = torch.full((n_rows,), settings.steps, dtype=torch.long)
 
     for step in range(settings.steps):
@@ -449,8 +449,10 @@ def _solve(model: nn.Module, rows: _Rows, w_e: Tensor, pinv: Tensor, t_prompt: i
                 state = {name: value.index_select(0, kept) for name, value in state.items()}
                 x = x.index_select(0, kept).requires_grad_(True)
     else:
-        with torch.no_grad():
-            final_x.index_copy_(0, state["index"], x)
+        if x is not final_x:
+            with torch.no_grad():
+                final_x.index_copy_(0, state["index"], x)
+    final_x = final_x.detach()
 
     with torch.no_grad():
         final_in = assemble(final_x, rows.free, rows.true_embed)
