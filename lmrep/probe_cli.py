@@ -10,7 +10,7 @@ an (offline unless credentials) W&B run into --out.
 With `--devices N` (and `--num-nodes` under SLURM) Lightning Fabric starts one
 process per device (DDP; gloo on CPU, NCCL on GPUs); the prompts are split over
 them, rank 0 gathers and writes everything once: the rows one process writes
-(to floating-point rounding) when `--patience` is not set (docs/scaling.md).
+(to floating-point rounding; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     p.add_argument("--lr", type=float, default=None, help="default: measured per model family")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--patience", type=int, default=None, help="stop once decodes are stable this many steps")
+    p.add_argument("--patience", type=int, default=None,
+                   help="retire each inversion once its decode is stable this many steps (100 kept every "
+                        "result of a 500-step run in a measurement; default: run all steps)")
     p.add_argument("--max-rows", type=int, default=None, help="solve at most this many rows at once (memory)")
     p.add_argument("--allowed-tokens", type=Path, default=None,
                    help="restrict decoding to the tokens of the words in this text file")

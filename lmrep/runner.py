@@ -10,8 +10,8 @@ A run can be sharded over the processes of a `torch.distributed` process group
 (set up by Lightning: Fabric in probe.py, the Trainer's strategy in training):
 each rank probes its share of the prompts with their global prompt indices, so
 every prompt gets the start noise it gets alone; rank 0 gathers the rows, puts
-them in the single-process order and writes the results file. With
-`patience=None` a prompt's numbers depend only on (seed, prompt index), so a
+them in the single-process order and writes the results file. A prompt's
+numbers depend only on (seed, prompt index), patience or not, so a
 sharded run writes the rows a single process writes: the same decoded tokens and
 accuracies, and floats equal up to rounding (a BLAS may pick other kernels for
 another batch shape; for small models they are bitwise equal).
