@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from models.surface import check_block_range, check_length
+from models.surface import check_length, check_run
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -127,11 +127,7 @@ class LlamaLM(nn.Module):
 
     def run_blocks(self, h: Tensor, start: int, stop: int) -> Tensor:
         """Apply decoder layers start..stop-1 to the hidden state after `start` layers (b, t, d)."""
-        check_block_range(start, self.n_blocks)
-        check_block_range(stop, self.n_blocks)
-        if start > stop:
-            raise ValueError(f"block range {start}..{stop} is empty: start must be <= stop")
-        check_length(h.shape[1], self.context_length)
+        check_run(start, stop, h.shape[1], self.n_blocks, self.context_length)
         if start == stop:
             return h
         # Exactly what LlamaModel.forward prepares for its layers (no cache, no padding mask):

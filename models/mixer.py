@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.surface import check_block_range, check_length
+from models.surface import check_run
 
 MIXINGS = ("flat", "expanded", "parallel")
 
@@ -202,11 +202,7 @@ class MaskedMixer(nn.Module):
 
     def run_blocks(self, h: Tensor, start: int, stop: int) -> Tensor:
         """Apply blocks start..stop-1 to the hidden state after `start` blocks (b, t, d)."""
-        check_block_range(start, self.n_blocks)
-        check_block_range(stop, self.n_blocks)
-        if start > stop:
-            raise ValueError(f"block range {start}..{stop} is empty: start must be <= stop")
-        check_length(h.shape[1], self.context_length)
+        check_run(start, stop, h.shape[1], self.n_blocks, self.context_length)
         for block in self.blocks[start:stop]:
             h = block(h)  # (b, t, d)
         return h

@@ -65,6 +65,15 @@ def check_length(t: int, context_length: int) -> None:
         raise ValueError(f"sequence of {t} tokens is longer than the model's context length {context_length}")
 
 
+def check_run(start: int, stop: int, t: int, n_blocks: int, context_length: int) -> None:
+    """Raise a clear error for a block range start..stop or a length t that a model cannot run."""
+    check_block_range(start, n_blocks)
+    check_block_range(stop, n_blocks)
+    if start > stop:
+        raise ValueError(f"block range {start}..{stop} is empty: start must be <= stop")
+    check_length(t, context_length)
+
+
 @torch.no_grad()
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
