@@ -56,6 +56,14 @@ def _grid(summary: Sequence[dict[str, Any]], metric: str, mask: int, context: st
     return steps, blocks, values
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_heatmaps(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "") -> list[Path]:
     """Per context: a block x step heatmap of self and non-self recovery for every mask."""
     paths = []
@@ -78,11 +86,7 @@ def plot_heatmaps(summary: Sequence[dict[str, Any]], out_dir: Path, title: str =
                 ax.set_title(f"{label}, m = {mask}", fontsize=9)
                 fig.colorbar(image, ax=ax, fraction=0.04)
         fig.suptitle(f"{title} top-1 recovery, context = {context}".strip())
-        fig.tight_layout()
-        path = out_dir / f"heatmap_{context}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"heatmap_{context}.png"))
     return paths
 
 
@@ -127,11 +131,7 @@ def plot_curves(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "
                 ax.grid(alpha=0.3)
             axes[i, 0].legend(fontsize=7, ncol=2)
         fig.suptitle(f"{title} invertibility during training, context = {context}".strip())
-        fig.tight_layout()
-        path = out_dir / f"curves_{context}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"curves_{context}.png"))
     return paths
 
 

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from data.files import write_text_atomic
-from lmrep.checkpoints import LoadedCheckpoint, list_checkpoints, load_checkpoint
+from lmrep.checkpoints import list_checkpoints, load_checkpoint, read_checkpoint
+from lmrep.module import CHECKPOINT_KEY
 from lmrep.probe import ProbeSettings, probe
 
 RESULTS_FILE = "results.jsonl"
@@ -291,8 +292,9 @@ def checkpoint_sources(path: str | Path) -> list[ModelSource]:
     paths = list_checkpoints(path) if path.is_dir() else [path]
     sources = []
     for p in paths:
-        loaded: LoadedCheckpoint = load_checkpoint(p)  # validates the file before any probing starts
-        sources.append(ModelSource(name=p.name, step=loaded.step, source_id=file_digest(p), path=p))
+        # Validated (safe load, lmrep metadata) before any probing starts; mapped, not read, until probed.
+        meta = read_checkpoint(p, mmap=True)[CHECKPOINT_KEY]
+        sources.append(ModelSource(name=p.name, step=int(meta.get("step", 0)), source_id=file_digest(p), path=p))
     return sources
 
 
