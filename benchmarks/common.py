@@ -31,17 +31,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from data.tinystories import TinyStoriesDataModule
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/<name>.py` from a fresh clone
     sys.path.insert(0, str(REPO))
 
-from data.tinystories import TinyStoriesDataModule  # noqa: E402
 from lmrep.module import next_token_loss, warmup_cosine  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -73,8 +75,11 @@ def default_out(name: str) -> str:
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "platform": platform.platform(), "load_avg_1min": os.getloadavg()[0]}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str = "") -> None:
@@ -97,18 +102,33 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
 # ---------------------------------------------------------------- the machine
 
 
-def matmul_gflops(size: int = MATMUL_SIZE, repeats: int = 5, inner: int = 4) -> float:
-    """Measured fp32 matmul GFLOP/s (best of `repeats`), the peak that utilisation is taken against."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+def matmul_gflops(size: int = MATMUL_SIZE, repeats: int = 5, inner: int = 4, device: str = "cpu") -> float:
+    """Measured fp32 matmul GFLOP/s (best of `repeats`), the peak that utilisation is taken against.
+
+    On a GPU the matrices are 8x larger per side (a 1024^3 product is too small to fill one)
+    and the timing waits for the device.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        size, inner = size * 8, inner * 4
+    a, b = torch.randn(size, size, device=dev), torch.randn(size, size, device=dev)
+    out = torch.empty(size, size, device=dev)
     torch.mm(a, b, out=out)  # warm-up
     best = 0.0
     for _ in range(repeats):
+        synchronize(dev)
         start = time.perf_counter()
         for _ in range(inner):
             torch.mm(a, b, out=out)
+        synchronize(dev)
         best = max(best, 2 * size**3 * inner / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued work on a CUDA device (a no-op on the CPU), so wall times are honest."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_rss_mib_of(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
@@ -136,6 +156,8 @@ def own_peak_rss_kib() -> int:
 def data_module(cache_dir: str | Path = DEFAULT_CACHE, context_length: int = 128, batch_size: int = 16,
                 max_train_stories: int | None = None) -> TinyStoriesDataModule:
     """The TinyStories data module (local shards), prepared and set up."""
+    from data.tinystories import TinyStoriesDataModule  # here: a GPU box measuring untrained models needs no `datasets`
+
     dm = TinyStoriesDataModule(source="local", cache_dir=str(cache_dir), context_length=context_length,
                                batch_size=batch_size, packing=True, max_train_stories=max_train_stories,
                                max_val_stories=64 if max_train_stories else None)

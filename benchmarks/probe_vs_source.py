@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     DEFAULT_CACHE, cycle, data_module, default_out, make_model, matmul_gflops, print_table, probe_flops_per_step,
-    train_plain, validation_prompts, write_json,
+    synchronize, train_plain, validation_prompts, write_json,
 )
 from lmrep.checkpoints import load_checkpoint  # noqa: E402
 from lmrep.probe import DEFAULT_LR, LR_FINAL_FRACTION, ProbeSettings, probe  # noqa: E402
@@ -52,6 +53,7 @@ def source_procedure(model: nn.Module, prompts: Tensor, blocks: list[int], masks
                      pad_token_id: int, seed: int) -> dict[str, Any]:
     """Invert every (prompt, block, mask) one at a time as the source did; counts and seconds per prompt."""
     w_e = model.embedding_matrix.detach()
+    device = w_e.device
     lr = DEFAULT_LR[("embedding", "gd", model.family)]  # calibrated for the summed L1 distance
     init_scale = float(w_e.std())
     length = model.context_length
@@ -62,16 +64,18 @@ def source_procedure(model: nn.Module, prompts: Tensor, blocks: list[int], masks
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(prompts.to(device)):
+        synchronize(device)
         start = time.perf_counter()
         pinv = torch.linalg.pinv(w_e)  # recomputed per prompt, as in the source
-        ids = torch.full((1, length), pad_token_id, dtype=torch.long)
+        ids = torch.full((1, length), pad_token_id, dtype=torch.long, device=device)
         ids[0, :t] = prompt  # right-padded to the model's context length
         for k in blocks:
             for m in masks:
                 target = model.hidden(model.embed(ids), k)[:, m:, :]
                 generator = torch.Generator().manual_seed(seed * 1000 + i)
-                x = (torch.randn(1, length, w_e.shape[1], generator=generator) * init_scale).requires_grad_(True)
+                x = (torch.randn(1, length, w_e.shape[1], generator=generator) * init_scale).to(device)
+                x.requires_grad_(True)
                 for n in range(steps):
                     eta = lr * (1 - (1 - LR_FINAL_FRACTION) * n / max(steps - 1, 1))
                     loss = (model.hidden(x, k)[:, m:, :] - target).abs().sum()
@@ -86,6 +90,7 @@ def source_procedure(model: nn.Module, prompts: Tensor, blocks: list[int], masks
                 cell = per_block.setdefault(f"{k}/{m}", [0, 0])
                 cell[0] += self_hits if m == 0 else int(hit[:m].sum())
                 cell[1] += n_self if m == 0 else m
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return {"counts": counts, "per_block": per_block, "seconds_per_prompt": seconds}
 
@@ -128,22 +133,32 @@ def fraction(correct: int, total: int) -> float | None:
 
 
 def get_model(family: str, state: str, args: argparse.Namespace, dm: Any) -> nn.Module:
-    """An untrained model, a briefly trained one (plain loop), or one loaded from a checkpoint."""
+    """An untrained model, a briefly trained one (plain loop, on the CPU), or one loaded from a checkpoint."""
     checkpoint = getattr(args, f"checkpoint_{family}")
     if state == "trained" and checkpoint:
-        return load_checkpoint(checkpoint).model.eval()
+        return load_checkpoint(checkpoint).model.eval().to(args.device)
     model = make_model(family, args.d, args.blocks, args.context, seed=args.seed)
     if state == "trained":
         torch.manual_seed(args.seed)
         train_plain(model, cycle(dm.train_dataloader()), args.train_steps, lr=TRAIN_LR[family],
                     warmup=max(1, args.train_steps // 10))
-    return model.eval()
+    return model.eval().to(args.device)
 
 
-def run_case(family: str, state: str, args: argparse.Namespace, dm: Any, prompts: Tensor) -> list[dict[str, Any]]:
+def warm_up(model: nn.Module, prompts: Tensor, pad: int) -> None:
+    """A few untimed steps of both runners, so one-off costs (CUDA context, kernel choice) are in neither."""
+    source_procedure(model, prompts[:1], [1], [0], steps=2, pad_token_id=pad, seed=0)
+    for context in ("padded", "prompt"):
+        probe(model, prompts[:2], blocks=[1, 2], masks=[0, 1], pad_token_id=pad,
+              settings=ProbeSettings(context=context, steps=2))
+
+
+def run_case(family: str, state: str, args: argparse.Namespace, dm: Any, prompts: Tensor,
+             pad: int) -> list[dict[str, Any]]:
     """Source vs lmrep (padded, prompt; defaults and early stopping) for one model."""
     model = get_model(family, state, args, dm)
-    pad = dm.pad_token_id
+    if torch.device(args.device).type == "cuda":
+        warm_up(model, prompts, pad)
     blocks = list(range(1, model.n_blocks + 1))
     masks = list(args.masks)
     n_prompts, n_source = prompts.shape[0], min(args.source_prompts, prompts.shape[0])
@@ -163,11 +178,14 @@ def run_case(family: str, state: str, args: argparse.Namespace, dm: Any, prompts
                  "steps_run": float(args.steps), "per_block": src["per_block"]})
 
     chunk = len(masks) * n_prompts  # one block per chunk, so early stopping acts block by block
-    variants = [("padded", None, None, n_source), ("padded", args.patience, chunk, None),
-                ("prompt", None, None, None), ("prompt", args.patience, chunk, None)]
-    for context, patience, max_rows, subset in variants:
+    # (context, patience, max rows, prompts solved, free): the last row holds the padding, a different
+    # (easier) problem than the source's, shown for what knowing the padding buys.
+    variants = [("padded", None, None, n_source, "all"), ("padded", args.patience, chunk, None, "all"),
+                ("prompt", None, None, None, "all"), ("prompt", args.patience, chunk, None, "all"),
+                ("padded", args.patience, chunk, None, "real")]
+    for context, patience, max_rows, subset, free in variants:
         settings = ProbeSettings(context=context, steps=args.steps, patience=patience, max_rows=max_rows,
-                                 seed=args.seed)
+                                 seed=args.seed, free=free)
         solved = prompts[:subset] if subset else prompts
         start = time.perf_counter()
         result = probe(model, solved, blocks=blocks, masks=masks, settings=settings, pad_token_id=pad)
@@ -178,7 +196,8 @@ def run_case(family: str, state: str, args: argparse.Namespace, dm: Any, prompts
         steps_run = float(result.steps_run.float().mean())
         flops = probe_flops_per_step(model, t_ctx, blocks, len(masks) * n_prompts) * steps_run
         rows.append({"family": family, "state": state,
-                     "runner": "lmrep" + (f" patience={patience}" if patience else " defaults"),
+                     "runner": "lmrep" + (f" patience={patience}" if patience else " defaults")
+                               + (f" free={free}" if free != "all" else ""),
                      "context": context, "prompts_timed": solved.shape[0], "seconds": seconds,
                      "extrapolated": solved.shape[0] < n_prompts, "speedup": source_seconds / seconds,
                      "self": fraction(all_counts["self_correct"], all_counts["n_self"]),
@@ -211,6 +230,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="8 prompts, 1 source prompt, 60 training steps")
+    p.add_argument("--device", default="cpu", help="run both runners here, e.g. cuda (the source stays sequential)")
+    p.add_argument("--prompts-from", default=None,
+                   help="reuse the prompts (token ids) of an earlier run's JSON: no TinyStories data needed "
+                        "for untrained models, e.g. on a GPU machine")
     p.add_argument("--out", default=default_out("probe_vs_source"))
     args = p.parse_args(argv)
     if args.quick:
@@ -222,13 +245,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison, print the table, write the JSON; returns the payload."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    dm = data_module(args.cache_dir, args.context, args.train_batch, args.max_train_stories)
-    prompts = validation_prompts(dm, args.prompts, args.prompt_len)
-    peak = matmul_gflops()
+    needs_training = "trained" in args.states and not (args.checkpoint_mixer and args.checkpoint_llama)
+    dm = None
+    if needs_training or not args.prompts_from:
+        dm = data_module(args.cache_dir, args.context, args.train_batch, args.max_train_stories)
+    if args.prompts_from:
+        earlier = json.loads(Path(args.prompts_from).read_text())
+        prompts = torch.tensor(earlier["prompts"], dtype=torch.long)[: args.prompts, : args.prompt_len]
+        pad = int(earlier["pad_token_id"])
+        if prompts.shape != (args.prompts, args.prompt_len):
+            raise SystemExit(f"{args.prompts_from} holds prompts of shape {tuple(prompts.shape)}, "
+                             f"fewer than {args.prompts} x {args.prompt_len}")
+    else:
+        assert dm is not None
+        prompts, pad = validation_prompts(dm, args.prompts, args.prompt_len), dm.pad_token_id
+    peak = matmul_gflops(device=args.device)
     rows = []
     for family in args.families:
         for state in args.states:
-            rows.extend(run_case(family, state, args, dm, prompts))
+            rows.extend(run_case(family, state, args, dm, prompts, pad))
     for row in rows:
         row["utilisation"] = row["gflops_per_s"] / peak if row.get("gflops_per_s") else None
     print_table(rows, ["family", "state", "runner", "context", "prompts_timed", "seconds", "speedup", "self",
@@ -237,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{args.blocks} blocks, masks {args.masks}, {args.steps} steps; source timed on "
                       f"{min(args.source_prompts, args.prompts)} prompt(s), extrapolated per prompt; "
                       f"*_subset = recovery on those prompts; matmul peak {peak:.0f} GFLOP/s)")
-    payload = {"benchmark": "probe_vs_source", "args": vars(args), "matmul_gflops": peak, "rows": rows}
+    payload = {"benchmark": "probe_vs_source", "args": vars(args), "matmul_gflops": peak, "rows": rows,
+               "prompts": prompts.tolist(), "pad_token_id": pad}
     write_json(args.out, payload)
     return payload
 

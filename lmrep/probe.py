@@ -38,7 +38,7 @@ METHODS = ("embedding", "onehot")
 LOSSES = ("l1", "l2", "cosine", "mix")
 OPTIMIZERS = ("adam", "gd")
 CONTEXTS = ("prompt", "padded")
-FREES = ("all", "masked")
+FREES = ("all", "real", "masked")
 
 # Default learning rates, keyed by (method, optimizer, family); family "*" serves
 # every family. Measured by sweeping lr on untrained models (seed 0), 500 steps,
@@ -97,8 +97,10 @@ class ProbeSettings:
     """prompt: only the prompt's T positions; padded: right-pad to the model's context
     length with the pad token, optimise every position, loss over all positions >= m."""
     free: str = "all"
-    """all: optimise every position; masked: hold positions >= m at their true
-    embeddings and optimise only the masked positions < m."""
+    """all: optimise every position (the source's procedure, padding included); real: hold
+    the padding at the pad token's embedding and optimise only the real prompt positions (the
+    padding is known to whoever padded: only the prompt is unknown); masked: hold positions
+    >= m at their true embeddings and optimise only the masked positions < m."""
     top_k: int = 5
     """Candidates per position for top-k recovery."""
     init_scale: float | None = None
@@ -360,7 +362,7 @@ def _solve(model: nn.Module, rows: _Rows, w_e: Tensor, pinv: Tensor, t_prompt: i
     stay a prefix. Only check steps (every CHECK_EVERY) sync with the host.
     """
     onehot, adam = settings.method == "onehot", settings.optimizer == "adam"
-    hold = settings.free == "masked"  # else every position is free: no per-step where
+    hold = settings.free != "all"  # else every position is free: no per-step where
     n_rows = rows.init.shape[0]
     lr = float(settings.lr)  # type: ignore[arg-type]
     decay = (1 - LR_FINAL_FRACTION) / max(settings.steps - 1, 1)
@@ -595,7 +597,13 @@ def probe(
             rm = row_mask[sl].to(device)
             chunk_blocks = row_block[sl].tolist()
             region = positions[None, :] >= rm[:, None]  # (R, Tc)
-            free = (~region if settings.free == "masked" else torch.ones_like(region))[..., None]
+            if settings.free == "masked":
+                free = ~region
+            elif settings.free == "real":
+                free = real[rp]
+            else:
+                free = torch.ones_like(region)
+            free = free[..., None]
             rows = _Rows(
                 target=targets[rb, rp], true_embed=embeds[rp], region=region, free=free,
                 watch=real[rp, :t_prompt] & free[:, :t_prompt, 0], init=init[rp], shift=shift[rp],

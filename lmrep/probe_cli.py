@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", default="all", help="'all' or a list like 1,4,8")
     p.add_argument("--mask", default="0,1", help="masks m, e.g. 0,1,3 (m = 0: self only)")
     p.add_argument("--context", default="prompt", help="prompt, padded, or both as prompt,padded")
-    p.add_argument("--free", default="all", choices=FREES, help="optimise all positions, or only the masked ones")
+    p.add_argument("--free", default="all", choices=FREES,
+                   help="optimise every position (the source), only the real prompt positions (padding held at "
+                        "the pad embedding), or only the masked ones")
     p.add_argument("--steps", type=int, default=500, help="optimisation steps")
     p.add_argument("--method", default="embedding", choices=METHODS)
     p.add_argument("--loss", default="l1", choices=LOSSES)

@@ -37,6 +37,16 @@ def test_probe_vs_source_smoke(tmp_path: Path, data_cache: Path) -> None:
         assert r["seconds"] > 0 and r["speedup"] > 0
         assert 0 <= r["self"] <= 1 and 0 <= r["nonself"] <= 1
         assert set(r["per_block"]) == {f"{k}/{m}" for k in (1, 2) for m in (0, 1)}
+    assert ("lmrep patience=10 free=real", "padded") in runners
+    assert len(payload["prompts"]) == 3 and len(payload["prompts"][0]) == 6
+
+    # The same prompts again without any data (as on a GPU machine): untrained models need none.
+    again = tmp_path / "again.json"
+    probe_vs_source.main([*TINY_MODEL, "--prompts", "3", "--prompt-len", "6", "--steps", "4", "--source-prompts", "1",
+                          "--families", "mixer", "--states", "untrained", "--prompts-from", str(out),
+                          "--cache-dir", str(tmp_path / "no-data-here"), "--out", str(again)])
+    assert read(again)["prompts"] == payload["prompts"]
+    assert not (tmp_path / "no-data-here").exists()
 
 
 def test_train_overhead_smoke(tmp_path: Path, data_cache: Path) -> None:

@@ -221,6 +221,29 @@ def test_holding_visible_positions_recovers_masked_tokens_in_prompt_mode(story_p
     assert result.exact.all()
 
 
+def test_free_real_is_free_all_when_no_position_is_padding() -> None:
+    model = flat_mixer(32, n_blocks=2, context_length=16)
+    results = [probe(model, random_prompts(2, 6), blocks=[1, 2], masks=[0, 1], pad_token_id=PAD,
+                     settings=ProbeSettings(lr=0.05, steps=40, free=free)) for free in ("all", "real")]
+    assert torch.equal(results[0].recovered_ids, results[1].recovered_ids)
+    assert torch.equal(results[0].loss, results[1].loss)
+
+
+def test_free_real_holds_the_padding(story_prompts: tuple[Tensor, int]) -> None:
+    # Padding is known: with it held, the padding outputs pin the masked token down, so a width
+    # where every-position-free padded mode recovers only some masked tokens recovers all of them.
+    prompts, pad = story_prompts
+    model = flat_mixer(64, context_length=32)
+    held, free = (probe(model, prompts, blocks=[1], masks=[1], pad_token_id=pad,
+                        settings=ProbeSettings(context="padded", steps=200, free=f)) for f in ("real", "all"))
+    assert pooled(held, "nonself") == 1.0 and pooled(held, "self") == 1.0
+    assert pooled(free, "nonself") < 1.0  # reference run: 0.25
+    # A short prompt's own right-padding inside the T positions is held too.
+    short = probe(model, prompts[:1], blocks=[1], masks=[1], pad_token_id=pad, prompt_lengths=torch.tensor([6]),
+                  settings=ProbeSettings(context="padded", steps=200, free="real"))
+    assert short.exact.all()
+
+
 @pytest.mark.parametrize("context", ["prompt", "padded"])
 def test_no_token_mixing_means_no_nonself_recovery(context: str) -> None:
     # Masked positions cannot affect any output in the loss, so nothing can leak their identity.
