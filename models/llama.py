@@ -9,10 +9,11 @@ final RMSNorm applied; `hidden(e, upto=n)` here is the un-normed block output.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +95,26 @@ class LlamaModelConfig:
         )
 
 
+_MASK_PARAMETERS = frozenset(inspect.signature(create_causal_mask).parameters)
+
+
+def _mask_arguments(h: Tensor) -> dict[str, Any]:
+    """The embeddings and "no cache" under the names this transformers version's create_causal_mask takes.
+
+    The argument names moved between releases (5.24 takes `cache`, which 5.17 refuses; older
+    releases name it `past_key_values` and may want `cache_position`), so they are read off the
+    installed function's signature once, at import.
+    """
+    args: dict[str, Any] = {}
+    args["inputs_embeds" if "inputs_embeds" in _MASK_PARAMETERS else "input_embeds"] = h
+    for name in ("cache", "past_key_values"):
+        if name in _MASK_PARAMETERS:
+            args[name] = None
+    if "cache_position" in _MASK_PARAMETERS:
+        args["cache_position"] = torch.arange(h.shape[1], device=h.device)
+    return args
+
+
 class LlamaLM(nn.Module):
     """HF `LlamaForCausalLM` exposing the probing surface."""
 
@@ -135,7 +156,7 @@ class LlamaLM(nn.Module):
         # which then attends with is_causal=True).
         position_ids = torch.arange(h.shape[1], device=h.device)[None, :]  # (1, t)
         mask = create_causal_mask(
-            config=self.hf.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids
+            config=self.hf.config, attention_mask=None, position_ids=position_ids, **_mask_arguments(h)
         )
         position_embeddings = self.hf.model.rotary_emb(h, position_ids=position_ids)  # 2 x (1, t, head_dim)
         for layer in self.blocks[start:stop]:
