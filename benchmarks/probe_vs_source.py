@@ -184,7 +184,7 @@ def run_case(family: str, state: str, args: argparse.Namespace, dm: Any, prompts
                  "nonself_subset": fraction(c["nonself_correct"], c["n_nonself"]),
                  "steps_run": float(args.steps), "per_block": src["per_block"]})
 
-    chunk = len(masks) * n_prompts  # one block per chunk, so early stopping acts block by block
+    chunk = len(masks) * n_prompts  # early-stopping rows solve one block at a time (max_rows): bounds memory
     # (context, patience, max rows, prompts solved, free): the last row holds the padding, a different
     # (easier) problem than the source's, shown for what knowing the padding buys.
     # Without early stopping lmrep padded costs ~half the source per prompt on a CPU, so there it is
