@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None,
                    help="retire each inversion once its decode is stable this many steps (100 kept every "
                         "result of a 500-step run in a measurement; default: run all steps)")
-    p.add_argument("--max-rows", type=int, default=None, help="solve at most this many rows at once (memory)")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="solve at most this many rows at once (memory; default: all on a GPU, chunks of "
+                        "~2048 positions on a CPU)")
     p.add_argument("--allowed-tokens", type=Path, default=None,
                    help="restrict decoding to the tokens of the words in this text file")
     p.add_argument("--tokenizer", type=Path, default=None,

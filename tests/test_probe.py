@@ -283,6 +283,31 @@ def test_chunked_rows_equal_one_batch() -> None:
     torch.testing.assert_close(whole.loss, chunked.loss, rtol=1e-4, atol=1e-6)
 
 
+def test_cpu_default_chunks_rows_without_changing_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    # max_rows=None on a CPU solves ~CPU_CHUNK_POSITIONS positions at a time; shrink it so 12 rows
+    # of 16 positions become 4 chunks of 3, and check they give what one batch gives.
+    import lmrep.probe as engine
+
+    model = flat_mixer(32, n_blocks=2, context_length=16)
+    prompts = random_prompts(3, 6)
+    settings = ProbeSettings(lr=0.05, steps=30, context="padded")
+    whole = probe(model, prompts, blocks=[1, 2], masks=[0, 1], pad_token_id=PAD,
+                  settings=dataclasses.replace(settings, max_rows=12))
+    calls: list[int] = []
+    solve = engine._solve
+
+    def counting_solve(model: nn.Module, rows: object, *args: object) -> object:
+        calls.append(rows.init.shape[0])  # type: ignore[attr-defined]
+        return solve(model, rows, *args)
+
+    monkeypatch.setattr(engine, "_solve", counting_solve)
+    monkeypatch.setattr(engine, "CPU_CHUNK_POSITIONS", 48)
+    chunked = probe(model, prompts, blocks=[1, 2], masks=[0, 1], pad_token_id=PAD, settings=settings)
+    assert calls == [3, 3, 3, 3]
+    assert torch.equal(whole.recovered_ids, chunked.recovered_ids)
+    torch.testing.assert_close(whole.loss, chunked.loss, rtol=1e-4, atol=1e-6)
+
+
 def test_two_runs_give_identical_results() -> None:
     model = flat_mixer(32, n_blocks=2, context_length=16)
     prompts = random_prompts(2, 6)
