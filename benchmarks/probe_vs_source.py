@@ -184,20 +184,19 @@ def run_case(family: str, state: str, args: argparse.Namespace, dm: Any, prompts
                  "nonself_subset": fraction(c["nonself_correct"], c["n_nonself"]),
                  "steps_run": float(args.steps), "per_block": src["per_block"]})
 
-    chunk = len(masks) * n_prompts  # early-stopping rows solve one block at a time (max_rows): bounds memory
-    # (context, patience, max rows, prompts solved, free): the last row holds the padding, a different
-    # (easier) problem than the source's, shown for what knowing the padding buys.
+    # (context, patience, prompts solved, free), lmrep's defaults otherwise (on a CPU the engine
+    # solves ~2048 positions at a time, on a GPU all rows at once). The last row holds the padding,
+    # a different (easier) problem than the source's, shown for what knowing the padding buys.
     # Without early stopping lmrep padded costs ~half the source per prompt on a CPU, so there it is
     # run on the source's prompts only and extrapolated; on a GPU it is cheap: all prompts, batched.
     on_cpu = torch.device(args.device).type == "cpu"
-    variants = [("padded", None, None, n_source if on_cpu else None, "all")]
-    variants += [("padded", patience, chunk, None, "all") for patience in args.patience]
-    variants += [("prompt", None, None, None, "all")]
-    variants += [("prompt", patience, chunk, None, "all") for patience in args.patience]
-    variants += [("padded", args.patience[-1], chunk, None, "real")]
-    for context, patience, max_rows, subset, free in variants:
-        settings = ProbeSettings(context=context, steps=args.steps, patience=patience, max_rows=max_rows,
-                                 seed=args.seed, free=free)
+    variants = [("padded", None, n_source if on_cpu else None, "all")]
+    variants += [("padded", patience, None, "all") for patience in args.patience]
+    variants += [("prompt", None, None, "all")]
+    variants += [("prompt", patience, None, "all") for patience in args.patience]
+    variants += [("padded", args.patience[-1], None, "real")]
+    for context, patience, subset, free in variants:
+        settings = ProbeSettings(context=context, steps=args.steps, patience=patience, seed=args.seed, free=free)
         solved = prompts[:subset] if subset else prompts
         start = time.perf_counter()
         result = probe(model, solved, blocks=blocks, masks=masks, settings=settings, pad_token_id=pad)
