@@ -391,8 +391,8 @@ def test_sigkill_then_resume(tmp_path: Path, data_cache: Path) -> None:
     assert load_checkpoint(ckpts / "last.ckpt").step == steps
     assert sha(ckpts / STEP0) == step0
     assert (run / RUN_ID_FILE).read_text().strip() == run_id
-    wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 2 and {d.name.rsplit("-", 1)[1] for d in wandb_runs} == {run_id}
+    wandb_runs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))  # run-<id>.wandb in each run's directory
+    assert len(wandb_runs) == 2 and {f.stem.split("-", 1)[1] for f in wandb_runs} == {run_id}
     losses = train_losses(run)
     assert set(range(killed_at, steps)) <= set(losses)
     assert all(math.isfinite(losses[s]) for s in range(killed_at, steps))

@@ -102,8 +102,10 @@ def test_step0_checkpoint_resume_and_wandb(tmp_path: Path, data_cache: Path) -> 
     assert [load_checkpoint(p).step for p in list_checkpoints(ckpts)] == [0, 2, 4, 6, 7]
 
     # one W&B run, continued: both offline run directories carry the same run id
-    run_dirs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(run_dirs) == 2 and len({d.name.rsplit("-", 1)[1] for d in run_dirs}) == 1
+    # (two starts in the same second get directories '...-<id>' and '...-<id>-1': read the id off the
+    # run-<id>.wandb file inside each)
+    run_files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2 and len({f.stem.split("-", 1)[1] for f in run_files}) == 1
     history = read_offline_history(run)
     losses = {row["trainer/global_step"]: row["train/loss"] for row in history if "train/loss" in row}
     assert set(losses) == set(range(7))
