@@ -349,6 +349,31 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _sigkill_when_written(argv: list[str], env: dict[str, str], path: Path, stderr: Path, *,
+                          poll: float) -> list[int]:
+    """Run `python argv` in the repo, SIGKILL it once `path` exists; the pids of its children at that moment.
+
+    Its stderr goes to a file (a pipe nobody reads could fill and stall it) and is shown if it
+    ends on its own first.
+    """
+    with stderr.open("w") as err:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 240
+            while not path.exists():
+                assert proc.poll() is None, f"{argv[0]} ended before it could be killed:\n{stderr.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no {path.name} in time"
+                time.sleep(poll)
+            children = _children(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return children
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume(tmp_path: Path, data_cache: Path) -> None:
     steps, every = 12, 2
@@ -357,24 +382,8 @@ def test_sigkill_then_resume(tmp_path: Path, data_cache: Path) -> None:
                  callbacks=[callback(SlowSteps, seconds=0.3)])
     ckpts = run / "checkpoints"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
-    proc = subprocess.Popen([sys.executable, "train.py", "fit", "--config", str(cfg)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    children: list[int] = []
-    try:
-        deadline = time.monotonic() + 240
-        while not (ckpts / "step=000004.ckpt").exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "no periodic checkpoint in time"
-            time.sleep(0.05)
-        children = _children(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+    children = _sigkill_when_written(["train.py", "fit", "--config", str(cfg)], env, ckpts / "step=000004.ckpt",
+                                     tmp_path / "train.stderr", poll=0.05)
     killed_at = load_checkpoint(ckpts / "last.ckpt").step
     assert 2 <= killed_at < steps  # last.ckpt follows step=000004.ckpt: the kill may fall between
     step0 = sha(ckpts / STEP0)
@@ -732,20 +741,8 @@ def test_interrupted_probe_resumes(trained: Path, tmp_path: Path, prompts: Path,
     out = tmp_path / "probe"
     args = probe_args(trained, prompts, out)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.Popen([sys.executable, "probe.py", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / RESULTS_FILE).exists():  # written atomically after each checkpoint
-            assert proc.poll() is None, "the probe ended before it could be interrupted"
-            assert time.monotonic() < deadline, "no results in time"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # results.jsonl is written atomically after each checkpoint: kill as soon as the first is there
+    _sigkill_when_written(["probe.py", *args], env, out / RESULTS_FILE, tmp_path / "probe.stderr", poll=0.02)
     done = read_results(out)
     done_steps = {r["step"] for r in done}
     all_steps = {0, 2, 4, 6}
