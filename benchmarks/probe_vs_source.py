@@ -48,7 +48,7 @@ from benchmarks.common import (  # noqa: E402
     synchronize, train_plain, validation_prompts, write_json,
 )
 from lmrep.checkpoints import load_checkpoint  # noqa: E402
-from lmrep.probe import DEFAULT_LR, LR_FINAL_FRACTION, ProbeSettings, probe  # noqa: E402
+from lmrep.probe import LR_FINAL_FRACTION, ProbeSettings, probe  # noqa: E402
 
 TRAIN_LR = {"mixer": 3e-3, "llama": 2e-3}  # the peak lrs of configs/quickstart.yaml and configs/llama.yaml
 
@@ -61,7 +61,7 @@ def source_procedure(model: nn.Module, prompts: Tensor, blocks: list[int], masks
     """Invert every (prompt, block, mask) one at a time as the source did; counts and seconds per prompt."""
     w_e = model.embedding_matrix.detach()
     device = w_e.device
-    lr = DEFAULT_LR[("embedding", "gd", model.family)]  # calibrated for the summed L1 distance
+    lr = model.probe_lr[("embedding", "gd")]  # calibrated for the summed L1 distance
     init_scale = float(w_e.std())
     length = model.context_length
     t = prompts.shape[1]
@@ -112,7 +112,7 @@ def lmrep_counts(result: Any, prompt_subset: int | None = None) -> dict[str, int
         keep = result.prompt_index < prompt_subset
     self_rows = keep & (result.mask == 0)
     other_rows = keep & (result.mask > 0)
-    c = result.counts
+    c = result.values
     return {"self_correct": int(c["self_correct"][self_rows].sum()), "n_self": int(c["n_self"][self_rows].sum()),
             "nonself_correct": int(c["nonself_correct"][other_rows].sum()),
             "n_nonself": int(c["n_nonself"][other_rows].sum())}
@@ -121,7 +121,7 @@ def lmrep_counts(result: Any, prompt_subset: int | None = None) -> dict[str, int
 def lmrep_per_block(result: Any) -> dict[str, list[int]]:
     """{'block/mask': [correct, total]} over all prompts (self for m = 0, non-self otherwise)."""
     out: dict[str, list[int]] = {}
-    c = result.counts
+    c = result.values
     for r in range(result.block.shape[0]):
         m = int(result.mask[r])
         key = f"{int(result.block[r])}/{m}"

@@ -193,7 +193,8 @@ class ProbeCallback(L.Callback):
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lmrep.probe import ProbeSettings
         from lmrep.report import summary_table, wandb_scalars
-        from lmrep.runner import ModelSource, encode_prompts, run_probe
+        from lmrep.prompts import encode_prompts
+        from lmrep.runs import ModelSource, run_probe
 
         step = trainer.global_step
         if step in self._probed:
@@ -242,7 +243,7 @@ class ProbeCallback(L.Callback):
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lmrep.report import summary_table, wandb_charts, wandb_table, write_report
-        from lmrep.runner import read_results
+        from lmrep.runs import read_results
 
         self._probe(trainer, pl_module)
         rows = read_results(self._out_dir(trainer))

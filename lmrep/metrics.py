@@ -18,15 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# Per-row count fields that `summarize` adds up exactly (token-weighted means).
-_TOKEN_COUNTS = (
-    ("self_acc", "self_correct", "n_self"),
-    ("nonself_acc", "nonself_correct", "n_nonself"),
-    ("self_topk_acc", "self_topk_correct", "n_self"),
-    ("nonself_topk_acc", "nonself_topk_correct", "n_nonself"),
-)
-# Per-row values that `summarize` averages over rows (NaN / None rows left out).
-_ROW_MEANS = ("final_loss", "distance_ratio")
+from lmrep import schema
+
 DEFAULT_GROUP_KEYS = ("step", "block", "mask", "context")
 
 
@@ -101,21 +94,16 @@ def distance_ratio(generated: Tensor, shifted: Tensor, target: Tensor, region: T
     return num / den
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-friendly Python value: NaN -> None."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def summarize(rows: Iterable[Mapping[str, Any]], keys: Sequence[str] = DEFAULT_GROUP_KEYS) -> list[dict[str, Any]]:
     """Aggregate per-prompt rows into one row per `keys` group (default step, block, mask, context).
 
-    Token accuracies are exact pooled ratios (sum of correct / sum of tokens, not
-    a mean of per-prompt fractions); `exact` is the fraction of prompts
-    recovered whole; loss and distance ratio are means over prompts;
+    Every summary column of the result schema (`lmrep.schema`) is reduced as it
+    declares: token accuracies are exact pooled ratios (sum of correct / sum of
+    tokens, not a mean of per-prompt fractions); `exact` is the fraction of
+    prompts recovered whole; loss and distance ratio are means over prompts;
     `ratio_below_1` is the fraction of prompts meeting the source's criterion.
-    A key missing from a row groups as None.
+    A key missing from a row groups as None; a column missing from a row is left
+    out of its reduction.
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -124,17 +112,7 @@ def summarize(rows: Iterable[Mapping[str, Any]], keys: Sequence[str] = DEFAULT_G
     for group_key, members in groups.items():
         summary: dict[str, Any] = dict(zip(keys, group_key))
         summary["n_prompts"] = len(members)
-        for acc_name, correct_name, total_name in _TOKEN_COUNTS:
-            correct = sum(int(r[correct_name]) for r in members)
-            total = sum(int(r[total_name]) for r in members)
-            summary[correct_name] = correct
-            summary[total_name] = total
-            summary[acc_name] = correct / total if total else None
-        summary["exact"] = sum(bool(r["exact"]) for r in members) / len(members)
-        for name in _ROW_MEANS:
-            values = [float(r[name]) for r in members if r.get(name) is not None and not math.isnan(float(r[name]))]
-            summary[name] = sum(values) / len(values) if values else None
-        ratios = [float(r["distance_ratio"]) for r in members if _plain(r.get("distance_ratio")) is not None]
-        summary["ratio_below_1"] = sum(v < 1 for v in ratios) / len(ratios) if ratios else None
+        for column in schema.summary_columns():
+            summary[column.name] = column.reduce(members)  # type: ignore[misc]
         out.append(summary)
     return sorted(out, key=lambda s: tuple((v is None, v if v is not None else 0) for v in (s[k] for k in keys)))

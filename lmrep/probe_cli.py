@@ -28,8 +28,9 @@ from lmrep.checkpoints import CheckpointError, load_checkpoint
 from lmrep.loggers import finish_writing, has_wandb_credentials
 from lmrep.probe import CONTEXTS, FREES, LOSSES, METHODS, OPTIMIZERS, ProbeSettings, calibrate_lr
 from lmrep.report import summary_table, wandb_charts, wandb_scalars, wandb_table, write_report
-from lmrep.runner import (ModelSource, PromptSet, Shard, checkpoint_sources, encode_prompts, parse_blocks,
-                          parse_ints, read_prompt_file, run_probe, untrained_source_id, validation_prompts)
+from lmrep.prompts import PromptSet, encode_prompts, parse_blocks, parse_ints, read_prompt_file, validation_prompts
+from lmrep.runs import ModelSource, checkpoint_sources, run_probe, untrained_source_id
+from lmrep.sharding import Shard
 from models import build_model, model_spec
 
 
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace, fabric: Any = None) -> None:
     allowed = None
     if args.allowed_tokens is not None:
         allowed = sorted(set(tokenizer.encode(args.allowed_tokens.read_text(encoding="utf-8"))))
-    settings = ProbeSettings(method=args.method, loss=args.loss, optimizer=args.optimizer, lr=args.lr,
+    settings = ProbeSettings(method=args.method, loss_fn=args.loss, optimizer=args.optimizer, lr=args.lr,
                              steps=args.steps, free=args.free, top_k=args.top_k, seed=args.seed,
                              patience=args.patience, max_rows=args.max_rows, allowed_tokens=allowed)
     first_model = sources[0].load(tok_hash)

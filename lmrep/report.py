@@ -7,6 +7,7 @@ step x block x mask x prompt x context) and never reruns a probe.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -20,26 +21,34 @@ matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmrep.metrics import summarize  # noqa: E402
 from data.files import write_text_atomic  # noqa: E402
+from lmrep import schema  # noqa: E402
+from lmrep.metrics import summarize  # noqa: E402
+from lmrep.probe.settings import ProbeSettings  # noqa: E402
 
-SUMMARY_COLUMNS = ("step", "block", "mask", "context", "n_prompts", "self_acc", "nonself_acc", "self_topk_acc",
-                   "nonself_topk_acc", "exact", "final_loss", "distance_ratio", "ratio_below_1")
+SUMMARY_KEYS = ("step", "block", "mask", "context")  # one summary cell per value of these
 PANELS = (("self_acc", "self (own position)"), ("nonself_acc", "non-self (masked positions)"))
 
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (step, block, mask, context) with pooled token accuracies."""
-    return summarize(rows, keys=("step", "block", "mask", "context"))
+    """One row per (step, block, mask, context) with every summary column of the schema."""
+    return summarize(rows, keys=SUMMARY_KEYS)
+
+
+def summary_fields(*, report_only: bool = False) -> list[str]:
+    """The summary's column names: its keys, the prompt count, then the schema's summary columns."""
+    names = [c.name for c in schema.summary_columns() if c.report or not report_only]
+    return [*SUMMARY_KEYS, "n_prompts", *names]
 
 
 def write_summary(out_dir: Path, summary: Sequence[dict[str, Any]]) -> None:
     """summary.csv (for people and spreadsheets) and summary.json (for code)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+    fields = summary_fields()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for row in summary:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in SUMMARY_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
     write_text_atomic(out_dir / "summary.csv", buffer.getvalue())
     write_text_atomic(out_dir / "summary.json", json.dumps(list(summary), indent=1))
 
@@ -166,9 +175,10 @@ td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} .ok{background:#c8
                  f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
              + "</table>", "<h2>Curves</h2>"]
     parts += [f"<p><img src='{p.name}' style='max-width:100%'></p>" for p in images]
-    parts.append("<h2>Summary</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in SUMMARY_COLUMNS) + "</tr>")
+    shown = summary_fields(report_only=True)
+    parts.append("<h2>Summary</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in shown) + "</tr>")
     for s in summary:
-        parts.append("<tr>" + "".join(f"<td>{_fmt(s.get(c))}</td>" for c in SUMMARY_COLUMNS) + "</tr>")
+        parts.append("<tr>" + "".join(f"<td>{_fmt(s.get(c))}</td>" for c in shown) + "</tr>")
     parts.append("</table><h2>Reconstructions</h2>")
     for step in sorted({r["step"] for r in rows}):
         parts.append(f"<details {'open' if step == max(r['step'] for r in rows) else ''}><summary><b>step {step}</b>"
@@ -194,9 +204,8 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, title: 
     summary = summary_table(rows)
     write_summary(out_dir, summary)
     images = plot_curves(summary, out_dir, title, losses) + plot_heatmaps(summary, out_dir, title)
-    settings = {k: rows[0][k] for k in ("family", "method", "loss_fn", "optimizer", "lr", "steps", "free", "top_k",
-                                        "init_scale", "baseline_shift", "seed", "patience", "settings_id")
-                if rows and k in rows[0]}
+    names = ["family", *(f.name for f in dataclasses.fields(ProbeSettings) if f.name != "context"), "settings_id"]
+    settings = {k: rows[0][k] for k in names if rows and k in rows[0]}
     report = write_html(rows, summary, out_dir, images, title, settings)
     return {"summary": out_dir / "summary.csv", "report": report, **{p.stem: p for p in images}}
 
@@ -238,6 +247,5 @@ def wandb_table(rows: Sequence[dict[str, Any]]) -> Any:
     """A W&B table of every reconstruction."""
     import wandb
 
-    columns = ["step", "context", "block", "mask", "prompt_index", "prompt", "recovered_text", "self_acc",
-               "nonself_acc", "distance_ratio"]
+    columns = ["context", *(c.name for c in schema.COLUMNS if c.wandb)]
     return wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])

@@ -120,6 +120,8 @@ class LlamaLM(nn.Module):
 
     family: ClassVar[str] = "llama"
     config_class: ClassVar[type] = LlamaModelConfig
+    probe_lr: ClassVar[dict[tuple[str, str], float]] = {
+        ("embedding", "adam"): 0.005, ("embedding", "gd"): 0.001, ("onehot", "adam"): 0.1, ("onehot", "gd"): 10.0}
 
     def __init__(self, config: LlamaModelConfig) -> None:
         super().__init__()

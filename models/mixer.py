@@ -175,6 +175,8 @@ class MaskedMixer(nn.Module):
 
     family: ClassVar[str] = "mixer"
     config_class: ClassVar[type] = MixerConfig
+    probe_lr: ClassVar[dict[tuple[str, str], float]] = {
+        ("embedding", "adam"): 0.05, ("embedding", "gd"): 0.02, ("onehot", "adam"): 0.1, ("onehot", "gd"): 1.0}
 
     def __init__(self, config: MixerConfig) -> None:
         super().__init__()

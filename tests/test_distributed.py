@@ -24,7 +24,7 @@ from lmrep.checkpoints import load_checkpoint, read_checkpoint
 from lmrep.cli import main as train_main
 from lmrep.loggers import RUN_ID_FILE, read_offline_history
 from lmrep.probe_cli import main as probe_main
-from lmrep.runner import RESULTS_FILE, read_results
+from lmrep.runs import RESULTS_FILE, read_results
 from tests.conftest import REPO, tiny_config
 
 WORLD = 2  # processes of the distributed runs
@@ -35,7 +35,7 @@ STEPS = 6
 # turns that rounding noise into lr-sized steps whose sign depends on the summation order.
 # It has no effect on any output, so it is compared through the logits instead.
 NO_EFFECT_PARAMETERS = (".mix.mix.bias",)
-FLOAT_FIELDS = {"loss", "final_loss", "distance_ratio"}  # probe result fields that are optimisation outputs
+FLOAT_FIELDS = {"final_loss", "distance_ratio"}  # probe result fields that are optimisation outputs
 SUBPROCESS_TIMEOUT_S = 600  # a hang (a rank waiting in a collective) fails the test instead of blocking CI
 PROMPTS = ["Once upon a time, there was a little dog.", "Lily liked to play in the park with her ball.",
            "The sun was hot, so Tom went to swim.", "A big red bird sat on the tree and sang.",

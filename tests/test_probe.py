@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from data.tinystories import default_data_dir, read_local_stories
 from data.tokenizer import get_or_train_tokenizer
 from lmrep.probe import (
-    DEFAULT_LR,
+    GradientSolver,
     ProbeSettings,
     calibrate_lr,
     decoding_logits,
@@ -35,6 +35,7 @@ class ToyModel(nn.Module):
     """A surface-conforming model whose blocks are given modules acting on (b, t, d); N(0, 1) embeddings."""
 
     family: ClassVar[str] = "toy"
+    probe_lr: ClassVar[dict[tuple[str, str], float]] = {("onehot", "adam"): 0.1}
 
     def __init__(self, blocks: list[nn.Module], d: int, vocab: int = VOCAB, context_length: int = 32) -> None:
         super().__init__()
@@ -115,8 +116,8 @@ def random_prompts(n: int, t: int, seed: int = 0) -> Tensor:
 
 def pooled(result: object, kind: str) -> float:
     """Pooled token accuracy of a result: 'self' or 'nonself'."""
-    counts = result.counts  # type: ignore[attr-defined]
-    return float(counts[f"{kind}_correct"].sum()) / max(int(counts[f"n_{kind}"].sum()), 1)
+    values = result.values  # type: ignore[attr-defined]
+    return float(values[f"{kind}_correct"].sum()) / max(int(values[f"n_{kind}"].sum()), 1)
 
 
 # ---------------------------------------------------------------- real TinyStories prompts
@@ -226,7 +227,7 @@ def test_free_real_is_free_all_when_no_position_is_padding() -> None:
     results = [probe(model, random_prompts(2, 6), blocks=[1, 2], masks=[0, 1], pad_token_id=PAD,
                      settings=ProbeSettings(lr=0.05, steps=40, free=free)) for free in ("all", "real")]
     assert torch.equal(results[0].recovered_ids, results[1].recovered_ids)
-    assert torch.equal(results[0].loss, results[1].loss)
+    assert torch.equal(results[0].final_loss, results[1].final_loss)
 
 
 def test_free_real_holds_the_padding(story_prompts: tuple[Tensor, int]) -> None:
@@ -268,7 +269,7 @@ def test_batched_rows_equal_rows_probed_alone(optimizer: str, lr: float) -> None
         alone = probe(model, prompts[p:p + 1], blocks=[k], masks=[m], prompt_indices=[p],
                       pad_token_id=PAD, settings=settings)
         assert torch.equal(alone.recovered_ids[0], batched.recovered_ids[r]), (p, k, m)
-        torch.testing.assert_close(alone.loss[0], batched.loss[r], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(alone.final_loss[0], batched.final_loss[r], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(alone.distance_ratio[0], batched.distance_ratio[r], rtol=1e-4, atol=1e-6)
 
 
@@ -280,13 +281,13 @@ def test_chunked_rows_equal_one_batch() -> None:
     chunked = probe(model, prompts, blocks=[1, 2], masks=[0, 1], pad_token_id=PAD,
                     settings=dataclasses.replace(settings, max_rows=5))
     assert torch.equal(whole.recovered_ids, chunked.recovered_ids)
-    torch.testing.assert_close(whole.loss, chunked.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(whole.final_loss, chunked.final_loss, rtol=1e-4, atol=1e-6)
 
 
 def test_cpu_default_chunks_rows_without_changing_results(monkeypatch: pytest.MonkeyPatch) -> None:
     # max_rows=None on a CPU solves ~CPU_CHUNK_POSITIONS positions at a time; shrink it so 12 rows
     # of 16 positions become 4 chunks of 3, and check they give what one batch gives.
-    import lmrep.probe as engine
+    import lmrep.probe.rows as rows
 
     model = flat_mixer(32, n_blocks=2, context_length=16)
     prompts = random_prompts(3, 6)
@@ -294,18 +295,18 @@ def test_cpu_default_chunks_rows_without_changing_results(monkeypatch: pytest.Mo
     whole = probe(model, prompts, blocks=[1, 2], masks=[0, 1], pad_token_id=PAD,
                   settings=dataclasses.replace(settings, max_rows=12))
     calls: list[int] = []
-    solve = engine._solve
 
-    def counting_solve(model: nn.Module, rows: object, *args: object) -> object:
-        calls.append(rows.init.shape[0])  # type: ignore[attr-defined]
-        return solve(model, rows, *args)
+    class CountingSolver(GradientSolver):
+        def solve(self, model: nn.Module, chunk: rows.Chunk, settings: ProbeSettings) -> object:
+            calls.append(chunk.n_rows)
+            return super().solve(model, chunk, settings)
 
-    monkeypatch.setattr(engine, "_solve", counting_solve)
-    monkeypatch.setattr(engine, "CPU_CHUNK_POSITIONS", 48)
-    chunked = probe(model, prompts, blocks=[1, 2], masks=[0, 1], pad_token_id=PAD, settings=settings)
+    monkeypatch.setattr(rows, "CPU_CHUNK_POSITIONS", 48)
+    chunked = probe(model, prompts, blocks=[1, 2], masks=[0, 1], pad_token_id=PAD, settings=settings,
+                    solver=CountingSolver())
     assert calls == [3, 3, 3, 3]
     assert torch.equal(whole.recovered_ids, chunked.recovered_ids)
-    torch.testing.assert_close(whole.loss, chunked.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(whole.final_loss, chunked.final_loss, rtol=1e-4, atol=1e-6)
 
 
 def test_two_runs_give_identical_results() -> None:
@@ -313,7 +314,7 @@ def test_two_runs_give_identical_results() -> None:
     prompts = random_prompts(2, 6)
     runs = [probe(model, prompts, blocks=[1, 2], masks=[0, 1], pad_token_id=PAD,
                   settings=ProbeSettings(lr=0.05, steps=30, seed=3)) for _ in range(2)]
-    assert torch.equal(runs[0].loss, runs[1].loss)
+    assert torch.equal(runs[0].final_loss, runs[1].final_loss)
     assert torch.equal(runs[0].topk_ids, runs[1].topk_ids)
     assert runs[0].rows() == runs[1].rows()
 
@@ -324,7 +325,7 @@ def test_short_prompts_count_only_real_positions() -> None:
     lengths = torch.tensor([8, 5])
     result = probe(model, prompts, blocks=[1], masks=[0, 2], prompt_lengths=lengths, pad_token_id=PAD,
                    settings=ProbeSettings(lr=0.05, steps=100))
-    assert result.counts["n_real"].tolist() == [8, 5, 8, 5]
+    assert result.n_real.tolist() == [8, 5, 8, 5]
     assert (result.target_ids[1, 5:] == PAD).all()
     rows = result.rows()
     assert [len(row["recovered_ids"]) for row in rows] == [8, 5, 8, 5]
@@ -364,7 +365,7 @@ def test_patience_retires_each_row_on_its_own(optimizer: str, lr: float) -> None
                       pad_token_id=PAD, settings=settings)
         assert int(alone.steps_run[0]) == int(batched.steps_run[r]), (p, k, m)
         assert torch.equal(alone.recovered_ids[0], batched.recovered_ids[r]), (p, k, m)
-        torch.testing.assert_close(alone.loss[0], batched.loss[r], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(alone.final_loss[0], batched.final_loss[r], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(alone.distance_ratio[0], batched.distance_ratio[r], rtol=1e-4, atol=1e-6)
 
 
@@ -400,10 +401,10 @@ def test_rows_are_plain_values_with_settings() -> None:
 
 
 def test_defaults_resolve_per_family() -> None:
-    assert ProbeSettings().resolved("mixer").lr == DEFAULT_LR[("embedding", "adam", "mixer")]
-    assert ProbeSettings().resolved("llama", 0.02).init_scale == 0.02
+    assert ProbeSettings().resolved(MaskedMixer).lr == MaskedMixer.probe_lr[("embedding", "adam")]
+    assert ProbeSettings().resolved(LlamaLM, 0.02).init_scale == 0.02
     with pytest.raises(ValueError, match="calibrate_lr"):
-        ProbeSettings().resolved("toy")
+        ProbeSettings().resolved(ToyModel)
 
 
 def test_calibrate_lr_picks_from_the_grid() -> None:
@@ -427,7 +428,7 @@ def test_clear_errors() -> None:
     with pytest.raises(ValueError, match="mask 5 is out of range"):
         probe(model, random_prompts(1, 5), blocks=[1], masks=[5], settings=settings, pad_token_id=PAD)
     with pytest.raises(ValueError, match="unknown probe loss"):
-        ProbeSettings(loss="l3")
+        ProbeSettings(loss_fn="l3")
 
 
 def test_non_finite_loss_names_step_block_and_mask() -> None:

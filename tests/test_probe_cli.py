@@ -10,11 +10,11 @@ import pytest
 from lmrep.cli import main as train_main
 from lmrep.loggers import read_offline_history
 from lmrep.probe_cli import main as probe_main
-from lmrep.runner import read_results
+from lmrep.runs import read_results
 from tests.conftest import tiny_config
 
 ROW_FIELDS = {"step", "block", "mask", "context", "free", "prompt_index", "prompt", "target_ids", "recovered_ids",
-              "recovered_text", "self_acc", "nonself_acc", "self_topk_acc", "nonself_topk_acc", "exact", "loss",
+              "recovered_text", "self_acc", "nonself_acc", "self_topk_acc", "nonself_topk_acc", "exact", "final_loss",
               "distance_ratio", "method", "loss_fn", "optimizer", "lr", "steps", "settings_id", "checkpoint"}
 PROMPTS = ["Once upon a time, there was a little dog.", "Lily liked to play in the park with her ball.",
            "The sun was hot, so Tom went to swim."]
@@ -42,7 +42,7 @@ def test_untrained_probe_writes_every_output(tmp_path: Path, data_cache: Path, p
         assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
         assert (row["nonself_acc"] is None) == (row["mask"] == 0)
         assert len(row["recovered_ids"]) == len(row["target_ids"])
-        assert row["loss_fn"] == "l1" and isinstance(row["loss"], float)
+        assert row["loss_fn"] == "l1" and isinstance(row["final_loss"], float)
     block1_self = [r["self_acc"] for r in rows if r["block"] == 1 and r["mask"] == 0]
     assert min(block1_self) == 1.0  # an untrained d=64 flat mixer inverts exactly at block 1
     summary = json.loads((out / "summary.json").read_text())

@@ -39,7 +39,8 @@ from lmrep.cli import TrainCLI, main
 from lmrep.loggers import RUN_ID_FILE, read_offline_history
 from lmrep.module import LanguageModelModule
 from lmrep.probe_cli import main as probe_main
-from lmrep.runner import RESULTS_FILE, encode_prompts, read_results
+from lmrep.prompts import encode_prompts
+from lmrep.runs import RESULTS_FILE, read_results
 from tests.conftest import REPO, tiny_config
 
 EPOCH_STORIES = 8  # training stories: a handful of batches per epoch, so runs cross epoch boundaries
@@ -676,7 +677,7 @@ def test_probe_is_deterministic(trained: Path, tmp_path: Path, prompts: Path) ->
 
 def spy_on_probing(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, tuple[int, ...]]]:
     """Record (checkpoint step, blocks) of every probe the runner starts."""
-    import lmrep.runner as runner
+    import lmrep.runs as runner
 
     calls: list[tuple[int, tuple[int, ...]]] = []
     real = runner.probe_rows
