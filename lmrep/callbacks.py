@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,6 +11,9 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+
+from lmrep.pipeline import ProbePlan
+from lmrep.probe import ProbeSettings
 
 
 class TokensPerSecond(L.Callback):
@@ -121,10 +125,12 @@ class SampleGenerations(L.Callback):
 class ProbeCallback(L.Callback):
     """Inverts every block at step 0 and at checkpoint steps, into the training run.
 
-    Results go to `<run_dir>/probe/results.jsonl` (resumable like probe.py's), the
-    recovery curves into the run's W&B logger, and at the end of training the
-    plots and report.html into `<run_dir>/probe/`. So one run holds both the loss
-    curve and the invertibility curves.
+    Each probe goes through the same orchestration as probe.py
+    (`lmrep.pipeline.probe_and_report`): results to `<run_dir>/probe/results.jsonl`
+    (resumable), plots and report.html into `<run_dir>/probe/` (kept up to date),
+    the recovery scalars into the run's loggers at the probed step, and at the end
+    of training the charts and reconstructions into its W&B run. So one run holds
+    both the loss curve and the invertibility curves.
     """
 
     def __init__(
@@ -136,8 +142,7 @@ class ProbeCallback(L.Callback):
         blocks: str = "all",
         masks: list[int] | None = None,
         contexts: list[str] | None = None,
-        steps: int = 500,
-        patience: int | None = None,
+        settings: ProbeSettings | None = None,
         every_n_train_steps: int | None = None,
         out_subdir: str = "probe",
     ) -> None:
@@ -149,19 +154,15 @@ class ProbeCallback(L.Callback):
             blocks: 'all' or a list like '1,4,8'.
             masks: masks m to probe (default [0, 1]).
             contexts: 'prompt' and/or 'padded' (default both).
-            steps: optimisation steps per inversion.
-            patience: stop an inversion early once decodes are stable this many steps.
-            every_n_train_steps: probe every this many steps; default: the checkpoint interval.
+            settings: how each inversion is run (steps, patience, method, ...; default ProbeSettings()).
+            every_n_train_steps: probe every this many steps; default: the checkpoint schedule.
             out_subdir: results directory inside the run directory.
         """
         self.num_prompts = num_prompts
         self.tokens = tokens
         self.prompts = prompts
-        self.blocks = blocks
-        self.masks = masks or [0, 1]
-        self.contexts = contexts or ["prompt", "padded"]
-        self.steps = steps
-        self.patience = patience
+        self.plan = ProbePlan(blocks=blocks, masks=masks or [0, 1], contexts=contexts or ["prompt", "padded"],
+                              settings=settings or ProbeSettings())
         self.every_n_train_steps = every_n_train_steps
         self.out_subdir = out_subdir
         self._probed: set[int] = set()
@@ -184,38 +185,31 @@ class ProbeCallback(L.Callback):
                 return callback._every_n_train_steps
         raise ValueError("ProbeCallback needs every_n_train_steps or a StepCheckpoint to follow")
 
-    def _out_dir(self, trainer: L.Trainer):
-        from pathlib import Path
-
-        return Path(trainer.default_root_dir) / self.out_subdir
-
     @rank_zero_only
-    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lmrep.probe import ProbeSettings
-        from lmrep.report import summary_table, wandb_scalars
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, final: bool = False) -> None:
+        from lmrep.pipeline import TrainerLoggers, probe_and_report
         from lmrep.prompts import encode_prompts
-        from lmrep.runs import ModelSource, run_probe
+        from lmrep.runs import ModelSource
 
         step = trainer.global_step
-        if step in self._probed:
+        if step in self._probed and not final:
             return
+        new = step not in self._probed
         self._probed.add(step)
         datamodule = trainer.datamodule
         tokenizer = datamodule.tokenizer
         texts = self.prompts or datamodule.validation_texts(self.num_prompts)
         prompts = encode_prompts(texts, tokenizer, max_tokens=self.tokens)
-        settings = ProbeSettings(steps=self.steps, patience=self.patience)
         # The run's own weights at this step: one identity per (run directory, step).
         source = ModelSource(name=f"step={step:06d}", step=step, model=pl_module.model,
                              source_id=f"{trainer.default_root_dir}:{step}")
-        rows = run_probe([source], prompts, tokenizer, blocks_spec=self.blocks, masks=self.masks,
-                         settings=settings, contexts=self.contexts, out_dir=self._out_dir(trainer), progress=False)
-        summary = summary_table([r for r in rows if r["step"] == step])
-        for logger in trainer.loggers:
-            logger.log_metrics(wandb_scalars(summary, step), step=step)
-        best = [s for s in summary if s["mask"] == max(self.masks)]
+        outcome = probe_and_report(
+            [source], prompts, tokenizer, self.plan, Path(trainer.default_root_dir) / self.out_subdir,
+            title=f"{pl_module.model.family} run {trainer.default_root_dir}", losses=self.losses,
+            sink=TrainerLoggers(trainer.loggers), log_steps=[step] if new else [], final=final, progress=False)
+        best = [s for s in outcome.summary if s["step"] == step and s["mask"] == max(self.plan.masks)]
         line = ", ".join(f"b{s['block']} {s['context']} {s['nonself_acc'] or 0:.2f}" for s in best)
-        message = f"[step {step}] probe non-self recovery (m={max(self.masks)}): {line}"
+        message = f"[step {step}] probe non-self recovery (m={max(self.plan.masks)}): {line}"
         if trainer.progress_bar_callback is not None:
             trainer.progress_bar_callback.print(message)
         else:
@@ -240,17 +234,5 @@ class ProbeCallback(L.Callback):
         if loss is not None and not trainer.sanity_checking:
             self.losses["val"].append([trainer.global_step, float(loss)])
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lmrep.report import summary_table, wandb_charts, wandb_table, write_report
-        from lmrep.runs import read_results
-
-        self._probe(trainer, pl_module)
-        rows = read_results(self._out_dir(trainer))
-        if not rows:
-            return
-        write_report(rows, self._out_dir(trainer), title=f"{pl_module.model.family} run {trainer.default_root_dir}",
-                     losses=self.losses)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.log({**wandb_charts(summary_table(rows)), "probe/reconstructions": wandb_table(rows)})
+        self._probe(trainer, pl_module, final=True)

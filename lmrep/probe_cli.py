@@ -1,112 +1,218 @@
 """The probe command line: invert every block of a checkpoint, a run's checkpoints, or an untrained model.
 
     python probe.py --checkpoint runs/quickstart/checkpoints --out runs/quickstart/probe
-    python probe.py --init configs/mixer_flat.yaml --seed 0 --context padded --mask 0,1 --out out/flat
+    python probe.py --init configs/mixer_flat.yaml --model.d_model 64 --context padded --mask 0,1 --out out/flat
+    python probe.py --config configs/probes/untrained_flat.yaml --out out/flat
     python probe.py --checkpoint runs/big/checkpoints --accelerator gpu --devices 4 --out runs/big/probe
 
-Writes results.jsonl, summary.csv/json, PNG curves and heatmaps, report.html and
-an (offline unless credentials) W&B run into --out.
+A jsonargparse CLI over `ProbeRequest` (what to probe, prompts, outputs) and
+`ProbeSettings` (how each inversion runs): their field docstrings are the
+`--help`, a YAML file can hold any of them (`--config`), and with `--init` every
+field of the family's config dataclass can be overridden (`--model.<field>`).
+Flags may be spelt with dashes or underscores (`--num-prompts`, `--num_prompts`);
+`--loss` is `--loss_fn`. The work itself is `lmrep.pipeline.probe_and_report`,
+the same orchestration ProbeCallback runs during training.
 
-With `--devices N` (and `--num-nodes` under SLURM) Lightning Fabric starts one
-process per device (DDP; gloo on CPU, NCCL on GPUs); the prompts are split over
-them, rank 0 gathers and writes everything once: the rows one process writes
-(to floating-point rounding; docs/scaling.md).
+Writes results.jsonl, summary.csv/json, PNG curves and heatmaps, report.html and
+an (offline unless credentials) W&B run into --out. With `--devices N` (and
+`--num-nodes` under SLURM) Lightning Fabric starts one process per device (DDP;
+gloo on CPU, NCCL on GPUs); the prompts are split over them and rank 0 writes
+everything once: the rows one process writes (to floating-point rounding;
+docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace, set_parsing_settings
 
-from lmrep.checkpoints import CheckpointError, load_checkpoint
-from lmrep.loggers import finish_writing, has_wandb_credentials
-from lmrep.probe import CONTEXTS, FREES, LOSSES, METHODS, OPTIMIZERS, ProbeSettings, calibrate_lr
-from lmrep.report import summary_table, wandb_charts, wandb_scalars, wandb_table, write_report
+from lmrep.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
+from lmrep.pipeline import ProbePlan, WandbRun, probe_and_report
+from lmrep.probe import CONTEXTS, ProbeSettings, calibrate_lr
 from lmrep.prompts import PromptSet, encode_prompts, parse_blocks, parse_ints, read_prompt_file, validation_prompts
-from lmrep.runs import ModelSource, checkpoint_sources, run_probe, untrained_source_id
+from lmrep.runs import ModelSource, checkpoint_sources, untrained_source_id
 from lmrep.sharding import Shard
 from models import build_model, model_spec
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """All probe flags; the defaults are the engine's measured defaults."""
-    p = argparse.ArgumentParser(description="Invert every block of a language model by gradient descent.")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", type=Path, help="a checkpoint file, or a directory: every checkpoint in step order")
-    what.add_argument("--init", type=Path, metavar="CONFIG.yaml", help="an untrained model built from a training config")
-    p.add_argument("--seed", type=int, default=0, help="seed of the untrained model (--init) and of the probe")
-    p.add_argument("--prompts", type=Path, help="a file with one prompt per line (default: validation stories)")
-    p.add_argument("--num-prompts", type=int, default=8, help="validation stories to use as prompts")
-    p.add_argument("--tokens", type=int, default=16, help="cut each validation story to this many tokens")
-    p.add_argument("--blocks", default="all", help="'all' or a list like 1,4,8")
-    p.add_argument("--mask", default="0,1", help="masks m, e.g. 0,1,3 (m = 0: self only)")
-    p.add_argument("--context", default="prompt", help="prompt, padded, or both as prompt,padded")
-    p.add_argument("--free", default="all", choices=FREES,
-                   help="optimise every position (the source), only the real prompt positions (padding held at "
-                        "the pad embedding), or only the masked ones")
-    p.add_argument("--steps", type=int, default=500, help="optimisation steps")
-    p.add_argument("--method", default="embedding", choices=METHODS)
-    p.add_argument("--loss", default="l1", choices=LOSSES)
-    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    p.add_argument("--lr", type=float, default=None, help="default: measured per model family")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--patience", type=int, default=None,
-                   help="retire each inversion once its decode is stable this many steps (100 kept every "
-                        "result of a 500-step run in a measurement; default: run all steps)")
-    p.add_argument("--max-rows", type=int, default=None,
-                   help="solve at most this many rows at once (memory; default: all on a GPU, chunks of "
-                        "~2048 positions on a CPU)")
-    p.add_argument("--allowed-tokens", type=Path, default=None,
-                   help="restrict decoding to the tokens of the words in this text file")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer.json; with --checkpoint it must be the one the checkpoint was trained with")
-    p.add_argument("--data-dir", type=Path, default=None, help="local TinyStories folder (default: ../shared copy)")
-    p.add_argument("--calibrate", action="store_true", help="pick lr from a small grid on block-1 self recovery")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--no-wandb", action="store_true", help="skip the W&B run")
-    scale = p.add_argument_group("scaling out (Lightning Fabric, DDP): prompts are split over the processes")
-    scale.add_argument("--accelerator", default="cpu", help="cpu, gpu/cuda, or auto (Lightning's names)")
-    scale.add_argument("--devices", type=int, default=1, help="processes per node, one per device")
-    scale.add_argument("--num-nodes", type=int, default=1, help="nodes (SLURM: srun starts the processes)")
-    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
-    return p
+FLAG_ALIASES = {"--loss": "--loss_fn"}  # earlier names of settings fields
+# Settings fields the request sets: the contexts are a list here, allowed tokens come from a file,
+# and the seed is the request's.
+_SETTINGS_FROM_REQUEST = {"context", "allowed_tokens", "seed"}
 
 
-def untrained_model(config_path: Path, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model a training config would start from, initialised with `seed`, and the config's data section."""
-    if not config_path.is_file():
-        raise FileNotFoundError(f"config not found: {config_path}")
-    cfg = yaml.safe_load(config_path.read_text())
+@dataclass
+class ProbeRequest:
+    """What to probe, with which prompts, and where the outputs go."""
+
+    out: str
+    """Output directory: results.jsonl, summaries, plots, report.html, the W&B run."""
+    checkpoint: str | None = None
+    """A checkpoint file, or a directory: every checkpoint in step order."""
+    init: str | None = None
+    """A training config (configs/*.yaml): probe the untrained model it starts from (fields: --model.*)."""
+    seed: int = 0
+    """Seed of the untrained model (--init) and of the probe's start noise."""
+    prompts: str | None = None
+    """A file with one prompt per line (default: validation stories)."""
+    num_prompts: int = 8
+    """Validation stories to use as prompts."""
+    tokens: int = 16
+    """Cut each validation story to this many tokens."""
+    blocks: str = "all"
+    """'all' (1..n) or a list like 1,4,8 (0 is the embedding itself)."""
+    mask: str | list[int] = "0,1"
+    """Masks m, e.g. 0,1,3 (m = 0: self only)."""
+    context: str | list[str] = "prompt"
+    """prompt, padded, or both as prompt,padded."""
+    allowed_tokens: str | None = None
+    """Restrict decoding to the tokens of the words in this text file."""
+    tokenizer: str | None = None
+    """tokenizer.json; with --checkpoint it must be the one the checkpoint was trained with."""
+    data_dir: str | None = None
+    """Local TinyStories folder for the default prompts (default: $LMREP_DATA_DIR or ../shared copy)."""
+    accelerator: str = "cpu"
+    """cpu, gpu/cuda, or auto (Lightning's names)."""
+    devices: int = 1
+    """Processes per node, one per device (DDP via Lightning Fabric: prompts are split over them)."""
+    num_nodes: int = 1
+    """Nodes (SLURM: srun starts the processes)."""
+
+
+def _family_config_class(init: str) -> tuple[type, dict[str, Any], dict[str, Any]]:
+    """The model config dataclass named by a training config, its values there, and the config's data section."""
+    path = Path(init)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    cfg = yaml.safe_load(path.read_text()) or {}
     try:
         spec = cfg["model"]["model"]
-        module_name, class_name = spec["class_path"].rsplit(".", 1)
-        config = spec["init_args"]["config"]
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{config_path} has no model.model.class_path / init_args.config section") from None
-    family = {"MaskedMixer": "mixer", "LlamaLM": "llama"}.get(class_name)
-    if family is None:
-        raise ValueError(f"unknown model class {spec['class_path']!r} in {config_path}")
+        class_path, config = spec["class_path"], dict(spec["init_args"]["config"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{path} has no model.model.class_path / init_args.config section") from None
+    from models import model_class
+
+    return model_class(class_path).config_class, config, cfg.get("data") or {}
+
+
+def _init_path(argv: list[str]) -> str | None:
+    """The --init value, from the command line or a --config file, before the full parse."""
+    found = None
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name == "--config":
+            path = Path(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+            if path.is_file():
+                found = (yaml.safe_load(path.read_text()) or {}).get("init", found)
+        elif name == "--init":
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+# Float options, whose inf/nan the parser (YAML) would read as strings: they go as YAML's .inf/.nan.
+_FLOAT_FLAGS = {f"--{f.name}" for f in dataclasses.fields(ProbeSettings) if "float" in str(f.type)}
+_YAML_SPECIAL = {"inf": ".inf", "+inf": ".inf", "-inf": "-.inf", "nan": ".nan"}
+
+
+def normalise_flags(argv: list[str]) -> list[str]:
+    """Dashes in flag names become underscores (the earlier spelling), old names their new ones, inf/nan YAML's."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _FLOAT_FLAGS and arg.lower() in _YAML_SPECIAL:
+            arg = _YAML_SPECIAL[arg.lower()]
+        elif arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg.partition("=")
+            name = "--" + name[2:].replace("-", "_")
+            name = FLAG_ALIASES.get(name, name)
+            if eq and name in _FLOAT_FLAGS:
+                value = _YAML_SPECIAL.get(value.lower(), value)
+            arg = name + eq + value
+        out.append(arg)
+    return out
+
+
+def build_parser(model_config: tuple[type, dict[str, Any]] | None = None) -> ArgumentParser:
+    """The probe flags: the request, the settings (docstrings as help), and the model fields of --init."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog="probe.py", description="Invert every block of a language model by gradient "
+                            "descent.", exit_on_error=False, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    parser.add_class_arguments(ProbeRequest, None)
+    parser.add_class_arguments(ProbeSettings, None, skip=_SETTINGS_FROM_REQUEST)
+    parser.add_argument("--calibrate", action=ActionYesNo, default=False,
+                        help="pick lr from a small grid on block-1 self recovery")
+    parser.add_argument("--wandb", action=ActionYesNo, default=True, help="log a W&B run (--no_wandb: skip it)")
+    parser.add_argument("--debug", action=ActionYesNo, default=False, help="full tracebacks on errors")
+    if model_config is not None:
+        config_class, values = model_config
+        parser.add_class_arguments(config_class, "model")
+        parser.set_defaults({f"model.{k}": v for k, v in values.items()})
+    return parser
+
+
+@dataclass
+class ParsedCommand:
+    """A parsed probe.py command line."""
+
+    request: ProbeRequest
+    settings: ProbeSettings
+    model_config: dict[str, Any] | None
+    data_config: dict[str, Any]
+    calibrate: bool
+    wandb: bool
+    debug: bool
+
+
+def parse(argv: list[str] | None) -> ParsedCommand:
+    """Parse (and check) a probe.py command line; errors raise ValueError with one line."""
+    args = normalise_flags(list(sys.argv[1:] if argv is None else argv))
+    init = _init_path(args)
+    family = _family_config_class(init) if init else None
+    parser = build_parser(None if family is None else family[:2])
+    try:
+        cfg: Namespace = parser.parse_args(args)
+    except argparse.ArgumentError as err:
+        raise ValueError(" ".join(line.strip() for line in str(err).splitlines() if line.strip())) from None
+    fields = {f.name for f in dataclasses.fields(ProbeRequest)}
+    request = ProbeRequest(**{k: cfg[k] for k in fields})
+    settings_fields = {f.name for f in dataclasses.fields(ProbeSettings)} - _SETTINGS_FROM_REQUEST
+    settings = ProbeSettings(**{k: cfg[k] for k in settings_fields}, seed=request.seed)
+    if (request.checkpoint is None) == (request.init is None):
+        raise ValueError("give exactly one of --checkpoint (a checkpoint or a directory) and --init (a config)")
+    model = cfg["model"].as_dict() if family is not None else None
+    return ParsedCommand(request=request, settings=settings, model_config=model,
+                         data_config=family[2] if family is not None else {}, calibrate=bool(cfg.calibrate),
+                         wandb=bool(cfg.wandb), debug=bool(cfg.debug))
+
+
+def untrained_model(config_path: str | Path, seed: int,
+                    overrides: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model a training config would start from (with `overrides` of its config fields), seeded; and its data."""
+    config_class, values, data = _family_config_class(str(config_path))
+    from models import MODEL_FAMILIES
+
+    family = next(name for name, cls in MODEL_FAMILIES.items() if cls.config_class is config_class)
     torch.manual_seed(seed)
-    return build_model(family, config), cfg.get("data") or {}
+    return build_model(family, {**values, **(overrides or {})}), data
 
 
-def load_tokenizer_for(args: argparse.Namespace, data_cfg: dict[str, Any]):
+def load_tokenizer_for(request: ProbeRequest, data_cfg: dict[str, Any]) -> tuple[Any, str]:
     """The tokenizer: --tokenizer, else the one stored in the checkpoint, else the data module's."""
     from data.tokenizer import load_tokenizer, tokenizer_hash
 
-    if args.tokenizer is not None:
-        return load_tokenizer(args.tokenizer), tokenizer_hash(args.tokenizer)
-    if args.checkpoint is not None:
-        first = args.checkpoint
+    if request.tokenizer is not None:
+        return load_tokenizer(Path(request.tokenizer)), tokenizer_hash(Path(request.tokenizer))
+    if request.checkpoint is not None:
+        first = Path(request.checkpoint)
         if first.is_dir():
-            from lmrep.checkpoints import list_checkpoints
-
             first = list_checkpoints(first)[0]
         loaded = load_checkpoint(first)
         if loaded.tokenizer is None:
@@ -115,47 +221,30 @@ def load_tokenizer_for(args: argparse.Namespace, data_cfg: dict[str, Any]):
     from data.tinystories import TinyStoriesDataModule
 
     keep = {k: v for k, v in data_cfg.items() if k in ("source", "data_dir", "cache_dir", "tokenizer_path")}
-    if args.data_dir is not None:
-        keep["data_dir"] = str(args.data_dir)
+    if request.data_dir is not None:
+        keep["data_dir"] = request.data_dir
     dm = TinyStoriesDataModule(**keep)
     return dm.tokenizer, dm.tokenizer_hash
 
 
-def log_wandb(rows: list[dict[str, Any]], out_dir: Path, settings: dict[str, Any]) -> None:
-    """An offline (unless credentials) W&B run: curves vs training step and a table of reconstructions."""
-    import wandb
-
-    mode = "online" if has_wandb_credentials() and os.environ.get("WANDB_MODE") != "offline" else "offline"
-    run = wandb.init(project="lmrep", dir=str(out_dir), job_type="probe", name=f"probe-{out_dir.name}",
-                     mode=mode, config=settings, reinit="finish_previous")
-    run.define_metric("train_step")
-    run.define_metric("probe/*", step_metric="train_step")
-    summary = summary_table(rows)
-    for step in sorted({s["step"] for s in summary}):
-        run.log({"train_step": step, **wandb_scalars(summary, step)})
-    run.log({**wandb_charts(summary), "reconstructions": wandb_table(rows)})
-    run.finish()
-    finish_writing()
-
-
-def launch(args: argparse.Namespace, argv: list[str] | None) -> Any:
+def launch(request: ProbeRequest, argv: list[str] | None) -> Any:
     """Start one process per device with Lightning Fabric; None for the plain single CPU process.
 
     Fabric's DDP launcher starts the other local ranks by re-running this command
     line (under SLURM, srun has started them already), so several processes need
     probe.py run as a command, not `main([...])` from inside another program.
     """
-    if args.devices < 1 or args.num_nodes < 1:
-        raise ValueError(f"--devices and --num-nodes must be >= 1, got {args.devices} and {args.num_nodes}")
-    world = args.devices * args.num_nodes
-    if world == 1 and args.accelerator == "cpu":
+    if request.devices < 1 or request.num_nodes < 1:
+        raise ValueError(f"--devices and --num-nodes must be >= 1, got {request.devices} and {request.num_nodes}")
+    world = request.devices * request.num_nodes
+    if world == 1 and request.accelerator == "cpu":
         return None
     if world > 1 and argv is not None and list(argv) != sys.argv[1:]:
         raise ValueError("--devices/--num-nodes > 1 need probe.py run as a command: Lightning starts the other "
                          "processes by re-running the command line")
     from lightning.fabric import Fabric
 
-    fabric = Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+    fabric = Fabric(accelerator=request.accelerator, devices=request.devices, num_nodes=request.num_nodes,
                     strategy="ddp" if world > 1 else "auto")
     fabric.launch()
     return fabric
@@ -163,11 +252,13 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of probe.py; known faults print one line (full traceback with --debug)."""
-    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("LMREP_DEBUG"))
     try:
-        run(args, launch(args, argv))
+        command = parse(argv)
+        debug = debug or command.debug
+        run(command, launch(command.request, argv))
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as err:
-        if args.debug or os.environ.get("LMREP_DEBUG"):
+        if debug:
             raise
         if Shard.current().is_main:  # every rank fails alike; one line is enough
             print(f"error: {err}", file=sys.stderr)
@@ -175,65 +266,77 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, fabric: Any = None) -> None:
-    """Probe what the arguments name and write every output into --out.
+def run(command: ParsedCommand, fabric: Any = None) -> None:
+    """Probe what the command names and write every output into --out.
 
     With a launched `fabric` this runs on every rank: each probes its share of the
     prompts on its device, and rank 0 alone writes the results, report and W&B run.
     """
+    request, settings = command.request, command.settings
     shard = Shard.current() if fabric is not None else Shard()
     device = fabric.device if fabric is not None else None
-    for flag, value in (("--tokens", args.tokens), ("--num-prompts", args.num_prompts), ("--steps", args.steps)):
+    for flag, value in (("--tokens", request.tokens), ("--num-prompts", request.num_prompts)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    contexts = [c.strip() for c in args.context.split(",") if c.strip()]
+    contexts = _names(request.context)
     bad = [c for c in contexts if c not in CONTEXTS]
     if bad or not contexts:
-        raise ValueError(f"unknown context {','.join(bad) or args.context!r}: choose prompt, padded or prompt,padded")
-    masks = parse_ints(args.mask, "masks")
-    data_cfg: dict[str, Any] = {}
-    if args.init is not None:
-        model, data_cfg = untrained_model(args.init, args.seed)
-        sources = [ModelSource(name=f"init-seed{args.seed}", step=0, model=model,
-                               source_id=untrained_source_id(model_spec(model), args.seed))]
+        raise ValueError(f"unknown context {','.join(bad) or request.context!r}: choose prompt, padded or "
+                         "prompt,padded")
+    masks = request.mask if isinstance(request.mask, list) else parse_ints(request.mask, "masks")
+    if request.init is not None:
+        model, _ = untrained_model(request.init, request.seed, command.model_config)
+        sources = [ModelSource(name=f"init-seed{request.seed}", step=0, model=model,
+                               source_id=untrained_source_id(model_spec(model), request.seed))]
     else:
-        sources = checkpoint_sources(args.checkpoint)
+        sources = checkpoint_sources(request.checkpoint)
     if fabric is not None:
         with fabric.rank_zero_first(local=True):  # a tokenizer to train is trained once per node
-            tokenizer, tok_hash = load_tokenizer_for(args, data_cfg)
+            tokenizer, tok_hash = load_tokenizer_for(request, command.data_config)
     else:
-        tokenizer, tok_hash = load_tokenizer_for(args, data_cfg)
-    texts = read_prompt_file(args.prompts) if args.prompts else validation_prompts(args.num_prompts, args.data_dir)
-    prompts: PromptSet = encode_prompts(texts, tokenizer, max_tokens=None if args.prompts else args.tokens)
+        tokenizer, tok_hash = load_tokenizer_for(request, command.data_config)
+    if request.prompts:
+        texts, max_tokens = read_prompt_file(request.prompts), None
+    else:
+        texts, max_tokens = validation_prompts(request.num_prompts, request.data_dir), request.tokens
+    prompts: PromptSet = encode_prompts(texts, tokenizer, max_tokens=max_tokens)
     allowed = None
-    if args.allowed_tokens is not None:
-        allowed = sorted(set(tokenizer.encode(args.allowed_tokens.read_text(encoding="utf-8"))))
-    settings = ProbeSettings(method=args.method, loss_fn=args.loss, optimizer=args.optimizer, lr=args.lr,
-                             steps=args.steps, free=args.free, top_k=args.top_k, seed=args.seed,
-                             patience=args.patience, max_rows=args.max_rows, allowed_tokens=allowed)
+    if request.allowed_tokens is not None:
+        allowed = sorted(set(tokenizer.encode(Path(request.allowed_tokens).read_text(encoding="utf-8"))))
+    settings = dataclasses.replace(settings, allowed_tokens=allowed)
     first_model = sources[0].load(tok_hash)
-    parse_blocks(args.blocks, first_model.n_blocks)  # fail before any work
+    parse_blocks(request.blocks, first_model.n_blocks)  # fail before any work
     if prompts.ids.shape[1] > first_model.context_length:
         raise ValueError(f"prompt of {prompts.ids.shape[1]} tokens is longer than the model's context length "
                          f"{first_model.context_length}")
-    if args.calibrate:
+    if command.calibrate:
         lr = None
         if shard.is_main:  # one choice for every rank, even where devices round differently
             model = first_model if device is None else first_model.to(device)
             lr, scores = calibrate_lr(model, prompts.ids, settings=settings,
                                       pad_token_id=tokenizer.pad_token_id, prompt_lengths=prompts.lengths)
             print(f"calibrated lr {lr} (block-1 self recovery by lr: {scores})")
-        settings.lr = shard.broadcast(lr)
-    rows = run_probe(sources, prompts, tokenizer, blocks_spec=args.blocks, masks=masks, settings=settings,
-                     contexts=contexts, out_dir=args.out, tokenizer_hash=tok_hash, shard=shard, device=device)
+        settings = dataclasses.replace(settings, lr=shard.broadcast(lr))
+    out = Path(request.out)
+    plan = ProbePlan(blocks=request.blocks, masks=masks, contexts=contexts, settings=settings)
+    sink = WandbRun(out, settings.as_record()) if command.wandb and shard.is_main else None
+    try:
+        outcome = probe_and_report(sources, prompts, tokenizer, plan, out,
+                                   title=f"{first_model.family} ({request.checkpoint or request.init})",
+                                   tokenizer_hash=tok_hash, shard=shard, device=device, sink=sink)
+    finally:
+        if sink is not None:
+            sink.close()
     if not shard.is_main:
         return
-    title = f"{rows[0]['family']} ({args.checkpoint or args.init})"
-    files = write_report(rows, args.out, title=title)
-    if not args.no_wandb:
-        log_wandb(rows, args.out, settings.as_record())
-    for s in summary_table(rows):
+    for s in outcome.summary:
         nonself = "" if s["nonself_acc"] is None else f" non-self {s['nonself_acc']:.2f}"
         print(f"step {s['step']:>6} {s['context']:>6} block {s['block']} m={s['mask']}: "
               f"self {s['self_acc']:.2f}{nonself} ratio {s['distance_ratio']:.2f}")
-    print(f"report: {files['report']}")
+    print(f"report: {outcome.files['report']}")
+
+
+def _names(spec: str | list[str]) -> list[str]:
+    """'prompt,padded' or [prompt, padded] -> a list of names."""
+    items = spec if isinstance(spec, list) else spec.split(",")
+    return [item.strip() for item in items if item.strip()]

@@ -99,6 +99,15 @@ def plot_heatmaps(summary: Sequence[dict[str, Any]], out_dir: Path, title: str =
     return paths
 
 
+LOG_SPAN = 64  # steps spanning this ratio (largest / smallest non-zero) get a log-like axis
+
+
+def log_like_steps(steps: Sequence[int]) -> bool:
+    """True for checkpoint steps spread over orders of magnitude (0, 1, 2, 4, ..., 1000): plot them on symlog."""
+    positive = [s for s in steps if s > 0]
+    return len(set(positive)) >= 3 and max(positive) / min(positive) >= LOG_SPAN
+
+
 def plot_curves(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "",
                 losses: dict[str, Sequence[Sequence[float]]] | None = None) -> list[Path]:
     """Per context: recovery vs training step, one line per block; self and non-self panels per mask.
@@ -107,7 +116,7 @@ def plot_curves(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "
     loss curves on the same step axis, so training and invertibility read together.
     """
     paths = []
-    top = 1 if losses else 0
+    top = 1 if losses and any(losses.values()) else 0
     for context in sorted({s["context"] for s in summary}):
         masks = sorted({s["mask"] for s in summary if s["context"] == context})
         n_rows = len(masks) + top
@@ -139,6 +148,9 @@ def plot_curves(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "
                 ax.set_title(f"{label}, m = {mask}", fontsize=9)
                 ax.grid(alpha=0.3)
             axes[i, 0].legend(fontsize=7, ncol=2)
+        if log_like_steps([s["step"] for s in summary if s["context"] == context]):
+            for ax in axes.flat:  # shared x: one call would do, but axes turned off keep their own
+                ax.set_xscale("symlog", linthresh=1)
         fig.suptitle(f"{title} invertibility during training, context = {context}".strip())
         paths.append(_save(fig, out_dir / f"curves_{context}.png"))
     return paths

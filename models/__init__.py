@@ -50,3 +50,12 @@ def build_model(family: str, config: dict[str, Any]) -> nn.Module:
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """The family and config of a model as plain JSON-able types: `build_model(**spec)` rebuilds it."""
     return {"family": model.family, "config": dataclasses.asdict(model.config)}
+
+
+def model_class(class_path: str) -> type[nn.Module]:
+    """The registered family class a YAML `class_path` names (e.g. models.mixer.MaskedMixer)."""
+    for cls in MODEL_FAMILIES.values():
+        if f"{cls.__module__}.{cls.__qualname__}" == class_path:
+            return cls
+    raise ValueError(f"unknown model class {class_path!r}: choose one of "
+                     + ", ".join(f"{c.__module__}.{c.__qualname__}" for c in MODEL_FAMILIES.values()))

@@ -22,7 +22,8 @@ import yaml
 
 from lmrep.checkpoints import load_checkpoint, read_checkpoint
 from lmrep.cli import main as train_main
-from lmrep.loggers import RUN_ID_FILE, read_offline_history
+from lmrep.loggers import RUN_ID_FILE
+from tests.wandb_records import read_offline_history
 from lmrep.probe_cli import main as probe_main
 from lmrep.runs import RESULTS_FILE, read_results
 from tests.conftest import REPO, tiny_config
@@ -89,7 +90,8 @@ def test_ddp_training_matches_one_process(tmp_path: Path, data_cache: Path) -> N
     single_cfg = training_config(tmp_path, "single", data_cache, batch_size=GLOBAL_BATCH,
                                  callbacks=[{"class_path": record, "init_args": {"path": str(tmp_path / "single.jsonl")}}])
     probe_cb = {"class_path": "lmrep.callbacks.ProbeCallback",
-                "init_args": {"num_prompts": 2, "tokens": 8, "masks": [0, 1], "contexts": ["prompt"], "steps": 20}}
+                "init_args": {"num_prompts": 2, "tokens": 8, "masks": [0, 1], "contexts": ["prompt"],
+                              "settings": {"steps": 20}}}
     ddp_cfg = training_config(tmp_path, "ddp", data_cache, batch_size=GLOBAL_BATCH // WORLD,
                               callbacks=[{"class_path": record, "init_args": {"path": str(tmp_path / "ddp.jsonl")}},
                                          probe_cb])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmrep.cli import main as train_main
-from lmrep.loggers import read_offline_history
+from tests.wandb_records import read_offline_history
 from lmrep.probe_cli import main as probe_main
 from lmrep.runs import read_results
 from tests.conftest import tiny_config
@@ -82,7 +82,8 @@ def test_probe_checkpoint_directory_resumes_and_refuses_mixing(tmp_path: Path, d
 def test_probe_callback_logs_into_the_training_run(tmp_path: Path, data_cache: Path) -> None:
     run = tmp_path / "run"
     callback = {"class_path": "lmrep.callbacks.ProbeCallback",
-                "init_args": {"num_prompts": 2, "tokens": 8, "masks": [0, 1], "contexts": ["prompt"], "steps": 20}}
+                "init_args": {"num_prompts": 2, "tokens": 8, "masks": [0, 1], "contexts": ["prompt"],
+                                 "settings": {"steps": 20}}}
     config = tiny_config(tmp_path / "p.yaml", "flat", run, data_cache, steps=4, every=2, callbacks=[callback])
     train_main(["fit", "--config", str(config)])
     rows = read_results(run / "probe")
@@ -92,3 +93,37 @@ def test_probe_callback_logs_into_the_training_run(tmp_path: Path, data_cache: P
     probe_steps = sorted(r["trainer/global_step"] for r in history if "probe/prompt/self/m0/block_1" in r)
     assert probe_steps == [0, 2, 4]
     assert any("train/loss" in r for r in history)  # loss and invertibility in one run
+
+
+def test_init_takes_any_model_field_and_a_yaml_probe_config(tmp_path: Path, data_cache: Path,
+                                                            prompt_file: Path) -> None:
+    config = tiny_config(tmp_path / "flat.yaml", "flat", tmp_path / "run", data_cache, steps=1, every=1, d=32)
+    common = ["--prompts", str(prompt_file), "--mask", "0", "--steps", "5", "--no-wandb"]
+    assert probe_main(["--init", str(config), "--model.d_model", "48", "--model.n_blocks", "3", *common,
+                       "--out", str(tmp_path / "a")]) == 0
+    rows = read_results(tmp_path / "a")
+    assert sorted({r["block"] for r in rows}) == [1, 2, 3]  # blocks: all of the overridden depth
+    probe_yaml = tmp_path / "probe.yaml"
+    probe_yaml.write_text(f"init: {config}\nmodel:\n  d_model: 48\n  n_blocks: 3\nblocks: 1,3\ntop_k: 2\n")
+    assert probe_main(["--config", str(probe_yaml), *common, "--out", str(tmp_path / "b")]) == 0
+    rows_b = read_results(tmp_path / "b")
+    assert sorted({r["block"] for r in rows_b}) == [1, 3] and rows_b[0]["top_k"] == 2
+    same = {(r["block"], r["prompt_index"]): r["recovered_ids"] for r in rows if r["block"] in (1, 3)}
+    assert {(r["block"], r["prompt_index"]): r["recovered_ids"] for r in rows_b} == same  # the same model
+    assert rows_b[0]["source_id"] == rows[0]["source_id"]
+
+
+def test_help_is_the_settings_docstrings(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        probe_main(["--help"])
+    text = capsys.readouterr().out
+    assert "Candidates per position for top-k recovery" in text and "--loss_fn" in text and "--num_prompts" in text
+
+
+def test_the_shipped_probe_configs_parse() -> None:
+    from lmrep.probe_cli import parse
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "configs" / "probes").glob("*.yaml")):
+        command = parse(["--config", str(path), "--out", "unused"])
+        assert command.request.init and command.model_config, path

@@ -36,12 +36,13 @@ from lmrep.checkpoints import (
     read_checkpoint,
 )
 from lmrep.cli import TrainCLI, main
-from lmrep.loggers import RUN_ID_FILE, read_offline_history
+from lmrep.loggers import RUN_ID_FILE
 from lmrep.module import LanguageModelModule
 from lmrep.probe_cli import main as probe_main
 from lmrep.prompts import encode_prompts
 from lmrep.runs import RESULTS_FILE, read_results
 from tests.conftest import REPO, tiny_config
+from tests.wandb_records import read_offline_history
 
 EPOCH_STORIES = 8  # training stories: a handful of batches per epoch, so runs cross epoch boundaries
 STEP0 = "step=000000.ckpt"

@@ -70,3 +70,4 @@ def test_every_engine_column_is_in_the_rows() -> None:
     engine = {c.name for c in schema.COLUMNS if c.source in (schema.ENGINE, schema.DERIVED)}
     assert engine <= set(rows[0])
     assert {c.name for c in schema.COLUMNS if c.source == schema.SUMMARY}.isdisjoint(rows[0])
+

@@ -18,7 +18,7 @@ from data.tinystories import TinyStoriesDataModule
 from lmrep.checkpoints import list_checkpoints, load_checkpoint, read_checkpoint
 from lmrep.cli import TrainCLI, main
 from lmrep.export import export_checkpoint
-from lmrep.loggers import read_offline_history
+from tests.wandb_records import read_offline_history
 from lmrep.module import LanguageModelModule, next_token_loss
 from tests.conftest import FAMILY_CONFIGS, REPO, tiny_config
 
