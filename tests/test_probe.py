@@ -437,3 +437,23 @@ def test_non_finite_loss_names_step_block_and_mask() -> None:
     with pytest.raises(FloatingPointError, match="step 0, block 2, mask 1"):
         probe(model, random_prompts(1, 4), blocks=[1, 2], masks=[1], pad_token_id=PAD,
               settings=ProbeSettings(lr=0.05, steps=5))
+
+
+@pytest.mark.parametrize("model_seed", [0, 1, 42])
+def test_start_noise_is_independent_of_the_model_seed(model_seed: int) -> None:
+    # With seed arithmetic, probe seed 0's prompt 0 drew what torch.manual_seed(0) draws: the
+    # model's initial embedding. The probe's streams are hashed with their purpose instead.
+    from lmrep.probe.rows import STREAM_INIT, STREAM_SHIFT, prompt_noise
+
+    torch.manual_seed(model_seed)
+    model = MaskedMixer(MixerConfig(vocab_size=VOCAB, d_model=32, n_blocks=1, context_length=64))
+    w_e = model.embedding_matrix.detach()
+    unit = nn.functional.normalize(w_e, dim=-1)
+    for probe_seed in (0, 1, 42, model_seed):
+        for stream in (STREAM_INIT, STREAM_SHIFT):
+            noise = prompt_noise(range(8), (64, 32), probe_seed, stream, w_e.device, w_e.dtype)  # (8, L, d)
+            for i in range(8):
+                aligned = torch.corrcoef(torch.stack([noise[i].flatten(), w_e[:64].flatten()]))[0, 1]
+                assert abs(float(aligned)) < 0.1, (probe_seed, stream, i)  # std ~0.016 for 2048 values
+                nearest = (nn.functional.normalize(noise[i], dim=-1) @ unit.T).amax()
+                assert float(nearest) < 0.95, (probe_seed, stream, i)  # no start position is a token's embedding

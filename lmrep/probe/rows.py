@@ -10,6 +10,7 @@ positions (why: benchmarks/RESULTS.md, "CPU chunking"); GPUs take all rows.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,19 +23,26 @@ from lmrep.probe.settings import ProbeSettings
 from models.surface import ProbeSurface
 
 CPU_CHUNK_POSITIONS = 2048
-_SEED_STRIDE = 1_000_003  # a prime: (seed, prompt index, stream) -> distinct generator seeds
-_STREAM_INIT, _STREAM_SHIFT = 0, 1
+# What each random stream of the probe is for: a tag in its seed hash, so the probe's draws are
+# independent of each other and of anything seeded with plain integers (a model's initialisation).
+STREAM_INIT, STREAM_SHIFT = "start", "baseline-shift"
 
 
-def _generator(seed: int, prompt_index: int, stream: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, prompt index, stream)."""
-    return torch.Generator().manual_seed(((seed * _SEED_STRIDE + prompt_index) * 2 + stream) % (2**63))
+def probe_generator(seed: int, prompt_index: int, stream: str) -> torch.Generator:
+    """A CPU generator for one (probe seed, prompt index, purpose), seeded through a hash.
+
+    A plain integer seed would collide with other integer-seeded generators: with
+    seed arithmetic, prompt 0 of probe seed 0 drew exactly what torch.manual_seed(0)
+    draws, the model's own initial embedding.
+    """
+    key = f"lmrep-probe/{stream}/{seed}/{prompt_index}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
 
 
-def prompt_noise(prompt_indices: Sequence[int], shape: tuple[int, int], seed: int, stream: int,
+def prompt_noise(prompt_indices: Sequence[int], shape: tuple[int, int], seed: int, stream: str,
                  device: torch.device, dtype: torch.dtype) -> Tensor:
     """Unit Gaussian noise (B, *shape), one independent draw per prompt index."""
-    draws = [torch.randn(shape, generator=_generator(seed, int(i), stream)) for i in prompt_indices]
+    draws = [torch.randn(shape, generator=probe_generator(seed, int(i), stream)) for i in prompt_indices]
     return torch.stack(draws).to(device=device, dtype=dtype)
 
 
@@ -170,9 +178,9 @@ class RowLayout:
         device, dtype = w_e.device, w_e.dtype
         # Drawn at full context length and cut, so a prompt's start does not depend on T either.
         init_shape = (model.context_length, INPUTS[settings.method].width(d, vocab))
-        init = prompt_noise(prompt_indices, init_shape, settings.seed, _STREAM_INIT, device, dtype)
+        init = prompt_noise(prompt_indices, init_shape, settings.seed, STREAM_INIT, device, dtype)
         init = init[:, :t_ctx] * settings.init_scale
-        shift = prompt_noise(prompt_indices, (model.context_length, d), settings.seed, _STREAM_SHIFT, device, dtype)
+        shift = prompt_noise(prompt_indices, (model.context_length, d), settings.seed, STREAM_SHIFT, device, dtype)
         shift = shift[:, :t_ctx] * (settings.baseline_shift * float(w_e.std()))
         return cls(ids=ids, real=real, embeds=embeds, targets=targets, init=init, shift=shift, block_list=block_list,
                    row_b=row_b, row_p=row_p, row_block=torch.tensor(block_list)[row_b],
