@@ -9,8 +9,9 @@ run's loggers (ProbeCallback), so both paths produce the same outputs.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from lmrep.probe import ProbeSettings
 from lmrep.prompts import PromptSet
 from lmrep.report import summary_table, wandb_charts, wandb_scalars, wandb_table, write_report
-from lmrep.runs import ModelSource, run_probe
+from lmrep.runs import ModelSource, OutputLock, run_probe
 from lmrep.sharding import Shard
 
 
@@ -118,27 +119,50 @@ class ProbeOutcome:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def claim_output(out_dir: str | Path, shard: Shard) -> Iterator[None]:
+    """Hold the output folder's writer lock on the main rank for the block; a refusal is raised on every rank."""
+    lock, failure = None, None
+    if shard.is_main:
+        try:
+            lock = OutputLock(out_dir)
+            lock.acquire()
+        except ValueError as err:
+            failure = str(err)
+    failure = shard.broadcast(failure)
+    if failure is not None:
+        raise ValueError(failure)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def probe_and_report(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: PreTrainedTokenizerFast,
                      plan: ProbePlan, out_dir: str | Path, *, title: str, tokenizer_hash: str | None = None,
                      shard: Shard | None = None, device: torch.device | str | None = None,
                      losses: dict[str, Sequence[Sequence[float]]] | None = None, sink: WandbSink | None = None,
                      log_steps: Iterable[int] | None = None, final: bool = True,
-                     progress: bool = True) -> ProbeOutcome:
+                     progress: bool = True, desc: str = "probing", leave: bool = True) -> ProbeOutcome:
     """Probe `sources` under `plan` into `out_dir`, then write the report and log to `sink`.
 
     Every rank of a sharded probe calls this alike; only the main rank writes.
     `log_steps` names the steps whose scalars go to the sink (None: every step in
     the results); with `final` the charts and the reconstruction table go too.
     `losses` ({"train": [[step, loss], ...], "val": ...}) are drawn above the curves.
+    The progress bar (`desc`; kept on screen when `leave`) counts the rows solved.
     """
     shard = shard or Shard()
-    rows = run_probe(sources, prompts, tokenizer, blocks_spec=plan.blocks, masks=plan.masks, settings=plan.settings,
-                     contexts=plan.contexts, out_dir=out_dir, tokenizer_hash=tokenizer_hash, shard=shard,
-                     device=device, progress=progress)
-    if not shard.is_main:
-        return ProbeOutcome(rows=rows)
-    summary = summary_table(rows)
-    files = write_report(rows, out_dir, title=title, losses=losses)
+    with claim_output(out_dir, shard):  # one writer per output folder
+        rows = run_probe(sources, prompts, tokenizer, blocks_spec=plan.blocks, masks=plan.masks,
+                         settings=plan.settings, contexts=plan.contexts, out_dir=out_dir,
+                         tokenizer_hash=tokenizer_hash, shard=shard, device=device, progress=progress,
+                         desc=desc, leave=leave)
+        if not shard.is_main:
+            return ProbeOutcome(rows=rows)
+        summary = summary_table(rows)
+        files = write_report(rows, out_dir, title=title, losses=losses)
     if sink is not None:
         steps = sorted({s["step"] for s in summary}) if log_steps is None else sorted(set(log_steps))
         for step in steps:

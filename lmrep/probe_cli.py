@@ -39,11 +39,12 @@ from lmrep.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
 from lmrep.pipeline import ProbePlan, WandbRun, probe_and_report
 from lmrep.probe import CONTEXTS, ProbeSettings, calibrate_lr
 from lmrep.prompts import PromptSet, encode_prompts, parse_blocks, parse_ints, read_prompt_file, validation_prompts
-from lmrep.runs import ModelSource, checkpoint_sources, untrained_source_id
+from lmrep.runs import RESULTS_FILE, ModelSource, check_output_dir, checkpoint_sources, untrained_source_id
 from lmrep.sharding import Shard
 from models import build_model, model_spec
 
 FLAG_ALIASES = {"--loss": "--loss_fn"}  # earlier names of settings fields
+DEFAULT_STORY_TOKENS = 16  # validation stories are cut to this many tokens unless --tokens says otherwise
 # Settings fields the request sets: the contexts are a list here, allowed tokens come from a file,
 # and the seed is the request's.
 _SETTINGS_FROM_REQUEST = {"context", "allowed_tokens", "seed"}
@@ -60,13 +61,16 @@ class ProbeRequest:
     init: str | None = None
     """A training config (configs/*.yaml): probe the untrained model it starts from (fields: --model.*)."""
     seed: int = 0
-    """Seed of the untrained model (--init) and of the probe's start noise."""
+    """Seed of the untrained model (--init), and of the probe unless --probe_seed is given."""
+    probe_seed: int | None = None
+    """Seed of the probe's start noise and baseline shift (default: --seed). The probe's random streams are
+    hashed with their purpose, so they never repeat a model's initial draws whatever the two seeds are."""
     prompts: str | None = None
     """A file with one prompt per line (default: validation stories)."""
     num_prompts: int = 8
     """Validation stories to use as prompts."""
-    tokens: int = 16
-    """Cut each validation story to this many tokens."""
+    tokens: int | None = None
+    """Cut each prompt to this many tokens (default: 16 for validation stories; whole lines of --prompts)."""
     blocks: str = "all"
     """'all' (1..n) or a list like 1,4,8 (0 is the embedding itself)."""
     mask: str | list[int] = "0,1"
@@ -184,7 +188,8 @@ def parse(argv: list[str] | None) -> ParsedCommand:
     fields = {f.name for f in dataclasses.fields(ProbeRequest)}
     request = ProbeRequest(**{k: cfg[k] for k in fields})
     settings_fields = {f.name for f in dataclasses.fields(ProbeSettings)} - _SETTINGS_FROM_REQUEST
-    settings = ProbeSettings(**{k: cfg[k] for k in settings_fields}, seed=request.seed)
+    seed = request.seed if request.probe_seed is None else request.probe_seed
+    settings = ProbeSettings(**{k: cfg[k] for k in settings_fields}, seed=seed)
     if (request.checkpoint is None) == (request.init is None):
         raise ValueError("give exactly one of --checkpoint (a checkpoint or a directory) and --init (a config)")
     model = cfg["model"].as_dict() if family is not None else None
@@ -253,10 +258,17 @@ def launch(request: ProbeRequest, argv: list[str] | None) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of probe.py; known faults print one line (full traceback with --debug)."""
     debug = bool(os.environ.get("LMREP_DEBUG"))
+    command: ParsedCommand | None = None
     try:
         command = parse(argv)
         debug = debug or command.debug
         run(command, launch(command.request, argv))
+    except KeyboardInterrupt:
+        if Shard.current().is_main and command is not None:
+            out = Path(command.request.out)
+            print(f"interrupted: {out / RESULTS_FILE} keeps every finished (checkpoint, context, blocks) probe; "
+                  "run the same command again to resume", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as err:
         if debug:
             raise
@@ -276,7 +288,7 @@ def run(command: ParsedCommand, fabric: Any = None) -> None:
     shard = Shard.current() if fabric is not None else Shard()
     device = fabric.device if fabric is not None else None
     for flag, value in (("--tokens", request.tokens), ("--num-prompts", request.num_prompts)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     contexts = _names(request.context)
     bad = [c for c in contexts if c not in CONTEXTS]
@@ -284,6 +296,15 @@ def run(command: ParsedCommand, fabric: Any = None) -> None:
         raise ValueError(f"unknown context {','.join(bad) or request.context!r}: choose prompt, padded or "
                          "prompt,padded")
     masks = request.mask if isinstance(request.mask, list) else parse_ints(request.mask, "masks")
+    check = None
+    if shard.is_main:  # a bad --out fails now, before any model is loaded or probed
+        try:
+            check_output_dir(request.out)
+        except ValueError as err:
+            check = str(err)
+    check = shard.broadcast(check)
+    if check is not None:
+        raise ValueError(check)
     if request.init is not None:
         model, _ = untrained_model(request.init, request.seed, command.model_config)
         sources = [ModelSource(name=f"init-seed{request.seed}", step=0, model=model,
@@ -296,9 +317,10 @@ def run(command: ParsedCommand, fabric: Any = None) -> None:
     else:
         tokenizer, tok_hash = load_tokenizer_for(request, command.data_config)
     if request.prompts:
-        texts, max_tokens = read_prompt_file(request.prompts), None
+        texts, max_tokens = read_prompt_file(request.prompts), request.tokens
     else:
-        texts, max_tokens = validation_prompts(request.num_prompts, request.data_dir), request.tokens
+        texts = validation_prompts(request.num_prompts, request.data_dir)
+        max_tokens = DEFAULT_STORY_TOKENS if request.tokens is None else request.tokens
     prompts: PromptSet = encode_prompts(texts, tokenizer, max_tokens=max_tokens)
     allowed = None
     if request.allowed_tokens is not None:

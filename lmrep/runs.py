@@ -12,9 +12,14 @@ over the ranks (`lmrep.sharding`).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +59,12 @@ def settings_id(settings: ProbeSettings, prompts: PromptSet) -> str:
 def probe_rows(model: ProbeSurface, prompts: PromptSet, tokenizer: PreTrainedTokenizerFast, *,
                blocks: Sequence[int], masks: Sequence[int], settings: ProbeSettings, step: int,
                source: str, pinv: torch.Tensor | None = None,
-               prompt_indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
+               prompt_indices: Sequence[int] | None = None,
+               on_chunk: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
     """Probe one model and return one plain row per (block, mask, prompt), with its text and the run's columns.
 
-    `prompt_indices` probes only those prompts of the set (with their global indices).
+    `prompt_indices` probes only those prompts of the set (with their global indices);
+    `on_chunk(n)` is called as each chunk of n rows is solved (progress).
     The identity columns `source_id` and `settings_id` are added by `run_probe`.
     """
     ids, lengths = prompts.ids, prompts.lengths
@@ -65,7 +72,7 @@ def probe_rows(model: ProbeSurface, prompts: PromptSet, tokenizer: PreTrainedTok
         # Rows of the full (B, T) batch: the padded width T stays that of the whole set.
         ids, lengths = ids[list(prompt_indices)], lengths[list(prompt_indices)]
     result = probe(model, ids, blocks=blocks, masks=masks, settings=settings, prompt_indices=prompt_indices,
-                   pad_token_id=tokenizer.pad_token_id, prompt_lengths=lengths, pinv=pinv)
+                   pad_token_id=tokenizer.pad_token_id, prompt_lengths=lengths, pinv=pinv, on_chunk=on_chunk)
     text_of = {  # the schema's TEXT columns, from a row's ids
         "prompt": lambda row: prompts.texts[row["prompt_index"]],
         "target_tokens": lambda row: tokenizer.convert_ids_to_tokens(row["target_ids"]),
@@ -83,18 +90,107 @@ def probe_rows(model: ProbeSurface, prompts: PromptSet, tokenizer: PreTrainedTok
 # ---------------------------------------------------------------- results file
 
 
+LOCK_FILE = ".lmrep-writer.lock"
+DAMAGED_SUFFIX = ".damaged"  # unreadable lines of a results file are set aside under this suffix
+
+
 def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of `out_dir/results.jsonl` ([] if none)."""
+    """Rows of `out_dir/results.jsonl` ([] if none).
+
+    Lines that are not whole JSON rows (a tail cut by a crash or a full disk) are
+    moved to `results.jsonl.damaged` with one line on stderr; the complete rows are
+    kept, and what the damaged lines held is solved again by the next run.
+    """
     path = Path(out_dir) / RESULTS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, damaged = [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            damaged.append(line)
+    if damaged:
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        with aside.open("a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in damaged))
+        write_results(out_dir, rows)
+        print(f"warning: {path} had {len(damaged)} damaged line(s) (a cut write?): set aside in {aside}; "
+              f"kept {len(rows)} complete rows, the rest is solved again", file=sys.stderr)
+    return rows
 
 
 def write_results(out_dir: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Replace `results.jsonl` atomically with these rows."""
     text = "".join(json.dumps(row) + "\n" for row in rows)
     write_text_atomic(Path(out_dir) / RESULTS_FILE, text)
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Fail now, with one line, if the output folder could not be created or written; creates nothing."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} is a file: give a folder for --out")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cannot create output folder {out_dir}: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # the real test: permissions, read-only mounts, quotas
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write into output folder {out_dir}: {err.strerror or err}") from None
+    return out_dir
+
+
+class OutputLock:
+    """Held by the one process that writes an output folder: a second writer fails at once, never loses rows.
+
+    An advisory `flock` on a file in the folder; the kernel drops it when the process
+    ends, killed or not, so a crashed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        out_dir = check_output_dir(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / LOCK_FILE
+        self._file: Any = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ValueError naming the process that holds it."""
+        f = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(f"{self.path.parent} is being written by {holder}: wait for it to finish, "
+                             "or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        """Let the next writer in."""
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
 
 # ---------------------------------------------------------------- probing runs
@@ -136,18 +232,42 @@ def checkpoint_sources(path: str | Path) -> list[ModelSource]:
     """A checkpoint file, or every checkpoint of a directory in step order."""
     path = Path(path)
     paths = list_checkpoints(path) if path.is_dir() else [path]
-    sources = []
+    sources, first_spec = [], None
     for p in paths:
         # Validated (safe load, lmrep metadata) before any probing starts; mapped, not read, until probed.
         meta = read_checkpoint(p, mmap=True)[CHECKPOINT_KEY]
+        # One run's checkpoints share one model: curves over steps of different models mean nothing.
+        spec = meta.get("model")
+        if first_spec is None:
+            first_spec = (p, spec)
+        elif spec != first_spec[1]:
+            raise ValueError(f"{path} holds checkpoints of different models: {first_spec[0].name} is "
+                             f"{describe_model(first_spec[1])}, {p.name} is {describe_model(spec)}: "
+                             "probe each run's checkpoints on their own")
         sources.append(ModelSource(name=p.name, step=int(meta.get("step", 0)), source_id=file_digest(p), path=p))
     return sources
+
+
+def describe_model(spec: dict[str, Any] | None) -> str:
+    """A model spec in a few words: 'a mixer (d_model=64, n_blocks=2, mixing=flat, ...)'."""
+    if not spec:
+        return "a model of unknown shape"
+    fields = ", ".join(f"{k}={v}" for k, v in spec.get("config", {}).items())
+    return f"a {spec.get('family')} ({fields})"
+
+
+def complete_groups(rows: Iterable[dict[str, Any]], n_prompts: int) -> set[tuple[Any, ...]]:
+    """(source_id, context, block, mask) groups that hold a row for every one of the n prompts."""
+    prompts_of: dict[tuple[Any, ...], set[int]] = {}
+    for r in rows:
+        prompts_of.setdefault((r["source_id"], r["context"], r["block"], r["mask"]), set()).add(r["prompt_index"])
+    return {key for key, seen in prompts_of.items() if len(seen) == n_prompts}
 
 
 def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: PreTrainedTokenizerFast, *,
               blocks_spec: str | Sequence[int], masks: Sequence[int], settings: ProbeSettings,
               contexts: Sequence[str], out_dir: str | Path, tokenizer_hash: str | None = None,
-              progress: bool = True, shard: Shard | None = None,
+              progress: bool = True, desc: str = "probing", leave: bool = True, shard: Shard | None = None,
               device: torch.device | str | None = None) -> list[dict[str, Any]]:
     """Probe every source in every context, appending to `out_dir/results.jsonl` after each.
 
@@ -162,7 +282,7 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
     existing = read_results(out_dir) if shard.is_main else []
     rows = list(existing)
     sid = settings_id(settings, prompts)
-    done = {(r["source_id"], r["context"], r["block"], r["mask"]) for r in existing}
+    done = complete_groups(existing, len(prompts))
     others = sorted(map(str, {r.get("settings_id") for r in existing} - {sid}))
     ours = {(src.name, src.step): src.source_id for src in sources}
     clashes = sorted({r["checkpoint"] for r in existing
@@ -176,8 +296,8 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
                          "use another --out")
     mine = shard.prompt_indices(len(prompts))
     gathered: list[dict[str, Any]] = []
-    with tqdm(total=len(sources) * len(contexts), desc="probing", unit="run",
-              disable=not (progress and shard.is_main)) as bar:
+    # Counts (block, mask, prompt) rows, this rank's share, as the solver finishes each chunk.
+    with tqdm(total=0, desc=desc, unit="row", leave=leave, disable=not (progress and shard.is_main)) as bar:
         for source in sources:
             model = None
             for context in contexts:
@@ -187,6 +307,8 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
                     model = source.load(tokenizer_hash, device)
                     blocks = parse_blocks(blocks_spec, model.n_blocks)
                     pinv = torch.linalg.pinv(model.embedding_matrix.detach())  # once per checkpoint
+                    bar.total += len(contexts) * len(blocks) * len(masks) * len(mine)
+                    bar.refresh()
                 missing: dict[tuple[int, ...], list[int]] = {}  # missing masks -> blocks missing exactly those
                 for k in blocks:
                     todo_masks = tuple(m for m in masks if (source.source_id, context, k, m) not in done)
@@ -199,7 +321,8 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
                         try:
                             return probe_rows(model, prompts, tokenizer, blocks=todo_blocks, masks=todo_masks,
                                               settings=run_settings, step=source.step, source=source.name,
-                                              pinv=pinv, prompt_indices=mine if shard.world_size > 1 else None)
+                                              pinv=pinv, prompt_indices=mine if shard.world_size > 1 else None,
+                                              on_chunk=bar.update)
                         except FloatingPointError as err:
                             raise FloatingPointError(f"probing {source.name} ({context} context): {err}") from None
 
@@ -213,5 +336,6 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
                     rows = [r for r in rows if (r["source_id"], r["context"], r["block"], r["mask"]) not in redo] + new
                     if shard.is_main:
                         write_results(out_dir, rows)
-                bar.update(1)
+                bar.update(len(blocks) * len(masks) * len(mine) - sum(  # work found done counts as done
+                    len(b) * len(m) * len(mine) for m, b in missing.items()))
     return rows if shard.is_main else gathered

@@ -134,7 +134,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("recovered_tokens", "tokens", "the decoded tokens as strings", TEXT),
     Column("recovered_text", "str", "the decoded tokens as text", TEXT, wandb=True),
     # metrics
-    _accuracy("self_correct", "n_self", "top-1 recovery of visible positions (>= m)", wandb=True),
+    _accuracy("self_correct", "n_self", "top-1 recovery of visible positions (>= m); None with free=masked, "
+              "where they are held at their true embeddings (not measured)", wandb=True),
     _accuracy("nonself_correct", "n_nonself", "top-1 recovery of masked positions (< m); None for m = 0", wandb=True),
     _accuracy("self_topk_correct", "n_self", "top-k recovery of visible positions"),
     _accuracy("nonself_topk_correct", "n_nonself", "top-k recovery of masked positions"),
@@ -150,7 +151,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("steps_run", "int", "optimisation steps actually run (fewer with patience)", reduce=mean("steps_run")),
     # token counts behind the accuracies
     Column("n_real", "int", "real (non-padding) prompt positions", reduce=total("n_real")),
-    Column("n_self", "int", "real positions >= m", reduce=total("n_self")),
+    Column("n_self", "int", "real positions >= m that were measured (0 with free=masked)", reduce=total("n_self")),
     Column("n_nonself", "int", "real positions < m", reduce=total("n_nonself")),
     Column("self_correct", "int", "visible positions recovered (top-1)", reduce=total("self_correct")),
     Column("nonself_correct", "int", "masked positions recovered (top-1)", reduce=total("nonself_correct")),

@@ -757,3 +757,102 @@ def test_interrupted_probe_resumes(trained: Path, tmp_path: Path, prompts: Path,
     assert [r for r in rows if r["step"] in done_steps] == done
     assert {(r["step"], r["block"], r["mask"], r["prompt_index"]) for r in rows} == {
         (s, b, m, p) for s in all_steps for b in (1, 2) for m in (0, 1) for p in range(len(PROMPTS))}
+
+
+# ---- the probe: output folders, damaged results, interrupts, prompt options (issue 13) ----------
+
+def test_probe_refuses_a_directory_of_two_models(trained: Path, tmp_path: Path, prompts: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    from lmrep.checkpoints import atomic_torch_save
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / STEP0).write_bytes((trained / STEP0).read_bytes())
+    other = read_checkpoint(trained / "step=000002.ckpt")
+    other["lmrep"]["model"] = {"family": "llama", "config": {"d_model": 32, "n_blocks": 2}}
+    atomic_torch_save(other, mixed / "step=000002.ckpt")
+    line = probe_fails(probe_args(mixed, prompts, tmp_path / "out"), capsys)
+    assert line.startswith(f"error: {mixed} holds checkpoints of different models: {STEP0} is a mixer (")
+    assert "step=000002.ckpt is a llama (d_model=32, n_blocks=2)" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_writer_on_one_output_folder_is_refused(trained: Path, tmp_path: Path, prompts: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from lmrep.runs import OutputLock
+
+    out = tmp_path / "probe"
+    with OutputLock(out):  # another probe is writing here
+        line = probe_fails(probe_args(trained / "step=000002.ckpt", prompts, out), capsys)
+        assert line.startswith(f"error: {out} is being written by pid ") and line.endswith("use another --out")
+        assert not (out / RESULTS_FILE).exists()
+    assert probe_main(probe_args(trained / "step=000002.ckpt", prompts, out)) == 0  # free again
+
+
+def test_probe_checks_the_output_folder_before_any_work(trained: Path, tmp_path: Path, prompts: Path,
+                                                        capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_on_probing(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert probe_fails(probe_args(trained, prompts, a_file), capsys) == \
+        f"error: output folder {a_file} is a file: give a folder for --out"
+    below = a_file / "probe"
+    assert probe_fails(probe_args(trained, prompts, below), capsys) == \
+        f"error: cannot create output folder {below}: {a_file} is a file"
+    assert calls == []
+
+
+def test_a_cut_results_file_resumes_past_its_damaged_tail(trained: Path, tmp_path: Path, prompts: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "probe"
+    args = probe_args(trained / "step=000002.ckpt", prompts, out)
+    assert probe_main(args) == 0
+    whole = read_results(out)
+    text = (out / RESULTS_FILE).read_text()
+    (out / RESULTS_FILE).write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])  # the last row cut
+    capsys.readouterr()
+    calls = spy_on_probing(monkeypatch)
+    assert probe_main(args) == 0
+    err = capsys.readouterr().err
+    assert "had 1 damaged line(s)" in err and "Traceback" not in err
+    assert (out / (RESULTS_FILE + ".damaged")).exists()
+    assert len(calls) == 1  # only the group that lost a row is solved again
+    again = read_results(out)
+    key = lambda r: (r["block"], r["mask"], r["prompt_index"], r["context"])  # noqa: E731
+    assert sorted(map(key, again)) == sorted(map(key, whole))
+    assert {key(r): r["recovered_ids"] for r in again} == {key(r): r["recovered_ids"] for r in whole}
+
+
+def test_ctrl_c_says_what_was_kept_in_one_line(trained: Path, tmp_path: Path, prompts: Path,
+                                               capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmrep.runs as runs
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "probe_rows", interrupted)
+    out = tmp_path / "probe"
+    assert probe_main(probe_args(trained, prompts, out)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith(
+        f"interrupted: {out / RESULTS_FILE} keeps every finished")
+
+
+def test_tokens_cuts_prompt_file_lines_too(trained: Path, tmp_path: Path, prompts: Path) -> None:
+    out = tmp_path / "probe"
+    assert probe_main([*probe_args(trained / "step=000002.ckpt", prompts, out), "--tokens", "4"]) == 0
+    assert {len(r["target_ids"]) for r in read_results(out)} == {4}
+
+
+def test_probe_seed_is_its_own_option(trained: Path, tmp_path: Path, prompts: Path) -> None:
+    ckpt = trained / "step=000002.ckpt"
+    ids = {}
+    for name, extra in (("seed", ["--seed", "3"]), ("probe_seed", ["--probe-seed", "3"]),
+                        ("both", ["--seed", "5", "--probe_seed", "3"]), ("other", ["--probe-seed", "4"])):
+        assert probe_main([*probe_args(ckpt, prompts, tmp_path / name), *extra]) == 0
+        ids[name] = read_results(tmp_path / name)[0]["settings_id"]
+    assert ids["seed"] == ids["probe_seed"] == ids["both"] != ids["other"]

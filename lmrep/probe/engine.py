@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,13 +96,14 @@ def probe(
     prompt_indices: Sequence[int] | None = None,
     pinv: Tensor | None = None,
     solver: Solver | None = None,
+    on_chunk: Callable[[int], Any] | None = None,
 ) -> ProbeResult:
     """Invert every block in `blocks` under every mask in `masks` for every prompt (B, T), all at once.
 
     prompt_lengths (B,) gives real lengths of right-padded prompts (default: all T);
     prompt_indices (B,) names the prompts (default 0..B-1) and seeds their start
     noise; pinv is a precomputed pinv(W_E) (d, V); solver answers the rows
-    (default: the gradient solver).
+    (default: the gradient solver); on_chunk(n) is called after each chunk of n rows.
     """
     indices, lengths = _check_request(model, prompt_ids, blocks, masks, prompt_indices, prompt_lengths,
                                       settings.allowed_tokens)
@@ -123,7 +125,11 @@ def probe(
     with frozen(model):
         layout = RowLayout.build(model, ids, real, blocks=blocks, masks=masks, prompt_indices=indices,
                                  settings=settings, pinv=pinv, t_prompt=t_prompt)
-        answers = [solver.solve(model, chunk, settings) for chunk in layout.chunks(settings)]
+        answers = []
+        for chunk in layout.chunks(settings):
+            answers.append(solver.solve(model, chunk, settings))
+            if on_chunk is not None:
+                on_chunk(chunk.n_rows)
     return _score(layout, answers, indices, settings)
 
 
@@ -146,6 +152,11 @@ def _score(layout: RowLayout, answers: list[Answers], prompt_indices: list[int],
     values.update(metrics.topk_recovery(topk, target_ids, real_rows, row_mask))
     for name in answers[0].extra:
         values[name] = torch.cat([a.extra[name] for a in answers]).cpu()
+    if settings.free == "masked":  # visible positions were held at their true embeddings: nothing measured there
+        for name in ("n_self", "self_correct", "self_topk_correct"):
+            values[name] = torch.zeros_like(values[name])
+        for name in ("self_acc", "self_topk_acc"):
+            values[name] = torch.full_like(values[name], math.nan)
     for column in schema.columns(source=schema.DERIVED):
         values[column.name] = column.derive(values)  # type: ignore[misc]
     return ProbeResult(values=values, real_mask=real_rows, settings=settings)
