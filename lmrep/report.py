@@ -6,6 +6,7 @@ step x block x mask x prompt x context) and never reruns a probe.
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
 import html
@@ -26,8 +27,13 @@ from lmrep import schema  # noqa: E402
 from lmrep.metrics import summarize  # noqa: E402
 from lmrep.probe.settings import ProbeSettings  # noqa: E402
 
-SUMMARY_KEYS = ("step", "block", "mask", "context")  # one summary cell per value of these
+SUMMARY_KEYS = ("step", "block", "mask", "context")
+RESULTS_NAME = "results.jsonl"  # one summary cell per value of these
 PANELS = (("self_acc", "self (own position)"), ("nonself_acc", "non-self (masked positions)"))
+PANEL_COLUMNS = 3  # panels per figure row
+ANNOTATE_CELLS = 120  # heatmaps with at most this many cells print their values
+# (line style, marker) per block, cycled: coinciding curves stay distinguishable.
+LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P"))
 
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,27 +79,49 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _panels(summary: Sequence[dict[str, Any]], context: str) -> list[tuple[str, str, int]]:
+    """The (metric, label, mask) panels that have data: self for every mask, non-self for masks > 0."""
+    masks = sorted({s["mask"] for s in summary if s["context"] == context})
+    return [(metric, label, m) for metric, label in PANELS for m in masks if metric == "self_acc" or m > 0]
+
+
+def _figure(n_panels: int, width: float = 4.2, height: float = 3.0) -> tuple[plt.Figure, list[plt.Axes]]:
+    """A grid of up to PANEL_COLUMNS panels a row, with no empty panels left on screen."""
+    cols = min(PANEL_COLUMNS, n_panels)
+    rows = -(-n_panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n_panels:]:
+        ax.remove()
+    return fig, flat[:n_panels]
+
+
+def _n_label(summary: Sequence[dict[str, Any]], context: str, mask: int) -> str:
+    """'n = 8 prompts' (or a range) for the cells of one context and mask."""
+    counts = sorted({s["n_prompts"] for s in summary if s["context"] == context and s["mask"] == mask})
+    return f"n = {counts[0]} prompts" if len(counts) == 1 else f"n = {counts[0]}-{counts[-1]} prompts"
+
+
 def plot_heatmaps(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "") -> list[Path]:
-    """Per context: a block x step heatmap of self and non-self recovery for every mask."""
+    """Per context: a block x step heatmap of self recovery per mask, and of non-self per mask > 0."""
     paths = []
     for context in sorted({s["context"] for s in summary}):
-        masks = sorted({s["mask"] for s in summary if s["context"] == context})
-        fig, axes = plt.subplots(len(masks), 2, figsize=(10, 2.6 * len(masks) + 0.8), squeeze=False)
-        for i, mask in enumerate(masks):
-            for j, (metric, label) in enumerate(PANELS):
-                ax = axes[i, j]
-                steps, blocks, values = _grid(summary, metric, mask, context)
-                if metric == "nonself_acc" and mask == 0:
-                    ax.axis("off")
-                    ax.text(0.5, 0.5, "m = 0: no masked tokens", ha="center", va="center")
-                    continue
-                image = ax.imshow(values, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
-                ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45, fontsize=7)
-                ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
-                ax.set_xlabel("training step")
-                ax.set_ylabel("block")
-                ax.set_title(f"{label}, m = {mask}", fontsize=9)
-                fig.colorbar(image, ax=ax, fraction=0.04)
+        panels = _panels(summary, context)
+        fig, axes = _figure(len(panels))
+        for ax, (metric, label, mask) in zip(axes, panels):
+            steps, blocks, values = _grid(summary, metric, mask, context)
+            image = ax.imshow(values, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+            if len(steps) * len(blocks) <= ANNOTATE_CELLS:
+                for (b, t), v in np.ndenumerate(values):
+                    if not np.isnan(v):
+                        ax.text(t, b, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                                color="white" if v < 0.5 else "black")
+            ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45, fontsize=7)
+            ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+            ax.set_xlabel("training step")
+            ax.set_ylabel("block")
+            ax.set_title(f"{label}, m = {mask} ({_n_label(summary, context, mask)})", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.04)
         fig.suptitle(f"{title} top-1 recovery, context = {context}".strip())
         paths.append(_save(fig, out_dir / f"heatmap_{context}.png"))
     return paths
@@ -110,46 +138,49 @@ def log_like_steps(steps: Sequence[int]) -> bool:
 
 def plot_curves(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "",
                 losses: dict[str, Sequence[Sequence[float]]] | None = None) -> list[Path]:
-    """Per context: recovery vs training step, one line per block; self and non-self panels per mask.
+    """Per context: recovery vs training step, one line per block with its 95% band over prompts.
 
-    With `losses` ({"train": [[step, loss], ...], "val": ...}) a top row shows the
-    loss curves on the same step axis, so training and invertibility read together.
+    Panels: self for every mask, non-self for every mask > 0, and with `losses`
+    ({"train": [[step, loss], ...], "val": ...}) the loss curves first, so training
+    and invertibility read together. Blocks differ in colour, line style and marker,
+    so coinciding curves stay visible; steps spread over orders of magnitude get a
+    symlog axis.
     """
     paths = []
-    top = 1 if losses and any(losses.values()) else 0
+    has_loss = bool(losses and any(losses.values()))
     for context in sorted({s["context"] for s in summary}):
-        masks = sorted({s["mask"] for s in summary if s["context"] == context})
-        n_rows = len(masks) + top
-        fig, axes = plt.subplots(n_rows, 2, figsize=(10, 2.8 * n_rows + 0.8), squeeze=False, sharex=True)
-        if losses:
-            ax = axes[0, 0]
-            for name, points in losses.items():
+        panels = _panels(summary, context)
+        fig, axes = _figure(len(panels) + has_loss)
+        log_x = log_like_steps([s["step"] for s in summary if s["context"] == context])
+        if has_loss:
+            ax = axes[0]
+            for name, points in losses.items():  # type: ignore[union-attr]
                 if points:
                     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if name == "val" else None,
                             ms=3, label=f"{name} loss")
-            ax.set_ylabel("cross-entropy")
+            ax.set_ylabel("cross-entropy (nats)")
+            ax.set_xlabel("training step")
             ax.set_title("language-model loss", fontsize=9)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-            axes[0, 1].axis("off")
-        for i, mask in enumerate(masks, start=top):
-            for j, (metric, label) in enumerate(PANELS):
-                ax = axes[i, j]
-                if metric == "nonself_acc" and mask == 0:
-                    ax.axis("off")
-                    continue
-                steps, blocks, values = _grid(summary, metric, mask, context)
-                colors = plt.cm.plasma(np.linspace(0, 0.9, max(len(blocks), 1)))
-                for b, block in enumerate(blocks):
-                    ax.plot(steps, values[b], marker="o", ms=3, color=colors[b], label=f"block {block}")
-                ax.set_ylim(-0.03, 1.03)
-                ax.set_xlabel("training step")
-                ax.set_ylabel("top-1 recovery")
-                ax.set_title(f"{label}, m = {mask}", fontsize=9)
-                ax.grid(alpha=0.3)
-            axes[i, 0].legend(fontsize=7, ncol=2)
-        if log_like_steps([s["step"] for s in summary if s["context"] == context]):
-            for ax in axes.flat:  # shared x: one call would do, but axes turned off keep their own
+        for ax, (metric, label, mask) in zip(axes[has_loss:], panels):
+            steps, blocks, values = _grid(summary, metric, mask, context)
+            _, _, low = _grid(summary, f"{metric}_lo", mask, context)
+            _, _, high = _grid(summary, f"{metric}_hi", mask, context)
+            colors = plt.cm.plasma(np.linspace(0, 0.85, max(len(blocks), 1)))
+            for b, block in enumerate(blocks):
+                style = LINE_STYLES[b % len(LINE_STYLES)]
+                ax.fill_between(steps, low[b], high[b], color=colors[b], alpha=0.12, linewidth=0)
+                ax.plot(steps, values[b], color=colors[b], linestyle=style[0], marker=style[1],
+                        ms=6 - 3 * b / max(len(blocks), 1), mfc="none", label=f"block {block}")
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("top-1 recovery")
+            ax.set_title(f"{label}, m = {mask} ({_n_label(summary, context, mask)}; 95% band)", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+        if log_x:
+            for ax in axes:
                 ax.set_xscale("symlog", linthresh=1)
         fig.suptitle(f"{title} invertibility during training, context = {context}".strip())
         paths.append(_save(fig, out_dir / f"curves_{context}.png"))
@@ -168,40 +199,104 @@ def _token_spans(row: dict[str, Any]) -> str:
     return "".join(spans)
 
 
-def _fmt(value: Any) -> str:
-    return "" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
+def _fmt(value: Any, digits: int = 2) -> str:
+    """A cell value: floats rounded, None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.2g}"
+    return str(value)
+
+
+def _image_tag(path: Path) -> str:
+    """An <img> with the PNG embedded, so report.html is one self-contained file."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"<p><img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}' style='max-width:100%'></p>"
+
+
+def _pivot(summary: Sequence[dict[str, Any]], metric: str, context: str, mask: int) -> str:
+    """A block x step table of one metric, each cell with its interval and n on hover."""
+    steps, blocks, values = _grid(summary, metric, mask, context)
+    cells = {(s["block"], s["step"]): s for s in summary if s["context"] == context and s["mask"] == mask}
+    head = "<tr><th>block \\ step</th>" + "".join(f"<th>{t}</th>" for t in steps) + "</tr>"
+    body = []
+    for b, block in enumerate(blocks):
+        tds = []
+        for t, step in enumerate(steps):
+            cell = cells.get((block, step), {})
+            lo, hi = cell.get(f"{metric}_lo"), cell.get(f"{metric}_hi")
+            hover = f"n = {cell.get('n_prompts')} prompts" + (f", 95% [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+            value = None if np.isnan(values[b, t]) else float(values[b, t])
+            tds.append(f"<td title='{hover}'>{_fmt(value)}</td>")
+        body.append(f"<tr><th>{block}</th>{''.join(tds)}</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _run_facts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What was probed, read off the rows: prompts, tokens, blocks, masks, contexts, steps."""
+    lengths = [len(r["target_ids"]) for r in rows]
+    return {
+        "prompts": len({r["prompt_index"] for r in rows}),
+        "tokens per prompt": f"{min(lengths)}-{max(lengths)}" if min(lengths) != max(lengths) else str(max(lengths)),
+        "blocks": ",".join(map(str, sorted({r["block"] for r in rows}))),
+        "masks": ",".join(map(str, sorted({r["mask"] for r in rows}))),
+        "contexts": ",".join(sorted({r["context"] for r in rows})),
+        "checkpoint steps": ",".join(map(str, sorted({r["step"] for r in rows}))),
+    }
 
 
 def write_html(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], out_dir: Path,
                images: Sequence[Path], title: str, settings: dict[str, Any]) -> Path:
-    """report.html: settings, plots, the summary table, and every reconstruction token by token."""
+    """report.html, one self-contained file: settings, plots, block x step tables, every reconstruction."""
+    facts = {**_run_facts(rows), **settings} if rows else settings
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>", """<style>
-body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;font-size:12px}
+body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;font-size:12px;margin:0.3em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} .ok{background:#c8f0c8} .bad{background:#f6c6c6}
 .masked{text-decoration:underline;font-weight:bold} .rec{font-family:monospace;white-space:pre-wrap}
 .rec span{border-right:1px solid #fff} details{margin:0.3em 0}</style>""",
              f"<h1>{html.escape(title)}</h1>",
-             "<p>Green: token recovered (top-1); red: not recovered; <u><b>underlined</b></u>: masked position "
-             "(m > its index), recoverable only from other positions' outputs. Hover a token for the target.</p>",
+             "<p>Each block's output is inverted by gradient descent from noise; a token counts as recovered when "
+             "the decoded input gives it back (top-1). <b>Self</b>: positions whose own output is in the loss; "
+             "<b>non-self</b>: the first m positions, masked out of the loss, recoverable only through the other "
+             "positions' outputs. The <b>distance ratio</b> is the inverted input's output distance to the target "
+             "over that of the true input shifted by a little noise: below 1, the inversion is as close as a "
+             "slightly shifted true input (the source's success criterion). This file is self-contained (plots "
+             f"embedded); the full numbers are in summary.csv and {RESULTS_NAME} beside it.</p>",
              "<h2>Settings</h2><table>" + "".join(
-                 f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
+                 f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v, 4))}</td></tr>" for k, v in facts.items())
              + "</table>", "<h2>Curves</h2>"]
-    parts += [f"<p><img src='{p.name}' style='max-width:100%'></p>" for p in images]
-    shown = summary_fields(report_only=True)
-    parts.append("<h2>Summary</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in shown) + "</tr>")
-    for s in summary:
-        parts.append("<tr>" + "".join(f"<td>{_fmt(s.get(c))}</td>" for c in shown) + "</tr>")
-    parts.append("</table><h2>Reconstructions</h2>")
+    parts += [_image_tag(p) for p in images]
+    parts.append("<h2>Summary: top-1 recovery by block and training step</h2>"
+                 "<p>Hover a cell for its number of prompts and 95% interval (bootstrap over prompts).</p>")
+    for context in sorted({s["context"] for s in summary}):
+        for metric, label, mask in _panels(summary, context):
+            parts.append(f"<h3>{html.escape(label)}, m = {mask}, {context} context</h3>"
+                         + _pivot(summary, metric, context, mask))
+        shown = [c for c in summary_fields(report_only=True) if c not in SUMMARY_KEYS]
+        for mask in sorted({s["mask"] for s in summary if s["context"] == context}):
+            parts.append(f"<h3>mean distance ratio, m = {mask}, {context} context</h3>"
+                         + _pivot(summary, "distance_ratio", context, mask))
+            cells = sorted((s for s in summary if s["context"] == context and s["mask"] == mask),
+                           key=lambda s: (s["block"], s["step"]))
+            parts.append(f"<details><summary>every summary column, m = {mask}, {context} context</summary><table>"
+                         "<tr><th>block</th><th>step</th>" + "".join(f"<th>{c}</th>" for c in shown) + "</tr>"
+                         + "".join(f"<tr><td>{c['block']}</td><td>{c['step']}</td>"
+                                   + "".join(f"<td>{_fmt(c.get(n))}</td>" for n in shown) + "</tr>" for c in cells)
+                         + "</table></details>")
+    parts.append("<h2>Reconstructions</h2><p>Green: token recovered (top-1); red: not recovered; "
+                 "<u><b>underlined</b></u>: masked position (index < m). Hover a token for the target.</p>")
     for step in sorted({r["step"] for r in rows}):
         parts.append(f"<details {'open' if step == max(r['step'] for r in rows) else ''}><summary><b>step {step}</b>"
                      "</summary>")
         at_step = sorted((r for r in rows if r["step"] == step),
                          key=lambda r: (r["context"], r["mask"], r["block"], r["prompt_index"]))
         for r in at_step:
-            parts.append(
-                f"<div class='rec'>{r['context']} m={r['mask']} block {r['block']} prompt {r['prompt_index']} "
-                f"(self {_fmt(r['self_acc'])}, non-self {_fmt(r['nonself_acc'])}, ratio {_fmt(r['distance_ratio'])}): "
-                f"{_token_spans(r)}</div>")
+            scores = [f"self {_fmt(r['self_acc'])}" if r.get("self_acc") is not None else "self not measured"]
+            if r["mask"] > 0:
+                scores.append(f"non-self {_fmt(r.get('nonself_acc'))}")
+            scores.append(f"ratio {_fmt(r.get('distance_ratio'))}")
+            parts.append(f"<div class='rec'>{r['context']} m={r['mask']} block {r['block']} prompt "
+                         f"{r['prompt_index']} ({', '.join(scores)}): {_token_spans(r)}</div>")
         parts.append("</details>")
     path = out_dir / "report.html"
     write_text_atomic(path, "\n".join(parts))

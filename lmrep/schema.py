@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 # Bumped whenever a column's meaning or the row layout changes: it is part of the settings id,
@@ -50,6 +51,30 @@ def pooled(correct: str, count: str) -> Reducer:
     def reduce(rows: Sequence[Mapping[str, Any]]) -> float | None:
         n = sum(_present(rows, count))
         return sum(_present(rows, correct)) / n if n else None
+
+    return reduce
+
+
+BOOTSTRAP_SAMPLES = 1000  # resamples of the prompts behind a pooled accuracy's interval
+INTERVAL = 0.95  # coverage of the intervals in summaries and plots
+
+
+def pooled_interval(correct: str, count: str, side: int) -> Reducer:
+    """One end (side 0: low, 1: high) of a 95% bootstrap interval of a pooled ratio over the prompts.
+
+    The prompts are resampled (seeded, so reports repeat), not the tokens: tokens of one
+    prompt are not independent draws. One prompt gives a zero-width interval.
+    """
+
+    def reduce(rows: Sequence[Mapping[str, Any]]) -> float | None:
+        pairs = [(float(r[correct]), float(r[count])) for r in rows
+                 if r.get(correct) is not None and r.get(count)]
+        if not pairs:
+            return None
+        hits, totals = np.array(pairs).T
+        picks = np.random.default_rng(0).integers(0, len(pairs), size=(BOOTSTRAP_SAMPLES, len(pairs)))
+        ratios = hits[picks].sum(1) / totals[picks].sum(1)
+        return float(np.quantile(ratios, (1 - INTERVAL) / 2 if side == 0 else (1 + INTERVAL) / 2))
 
     return reduce
 
@@ -115,6 +140,13 @@ def _accuracy(correct: str, count: str, doc: str, *, wandb: bool = False) -> Col
                   wandb=wandb)
 
 
+def _interval(correct: str, count: str) -> tuple[Column, Column]:
+    """The summary's 95% interval of a pooled accuracy, over prompts."""
+    name = correct.replace("_correct", "_acc")
+    return tuple(Column(f"{name}_{end}", "float", f"{end} end of the 95% interval of {name} (bootstrap over prompts)",
+                        SUMMARY, reduce=pooled_interval(correct, count, side)) for side, end in enumerate(("lo", "hi")))
+
+
 COLUMNS: tuple[Column, ...] = (
     # which row
     Column("step", "int", "training step of the probed weights (updates done)", RUN, wandb=True),
@@ -137,6 +169,8 @@ COLUMNS: tuple[Column, ...] = (
     _accuracy("self_correct", "n_self", "top-1 recovery of visible positions (>= m); None with free=masked, "
               "where they are held at their true embeddings (not measured)", wandb=True),
     _accuracy("nonself_correct", "n_nonself", "top-1 recovery of masked positions (< m); None for m = 0", wandb=True),
+    *_interval("self_correct", "n_self"),
+    *_interval("nonself_correct", "n_nonself"),
     _accuracy("self_topk_correct", "n_self", "top-k recovery of visible positions"),
     _accuracy("nonself_topk_correct", "n_nonself", "top-k recovery of masked positions"),
     Column("exact", "bool", "every real position recovered (summary: fraction of prompts)", reduce=mean("exact"),
