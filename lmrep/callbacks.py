@@ -226,14 +226,19 @@ class ProbeCallback(L.Callback):
         step = trainer.global_step
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None and step % trainer.log_every_n_steps == 0:
-            self.losses["train"].append([step, float(loss)])
+            # This batch's loss came from the weights before its update: step - 1, as the loggers have it.
+            self.losses["train"].append([step - 1, float(loss)])
         if step % self._interval(trainer) == 0:
             self._probe(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loss = trainer.callback_metrics.get("val/loss")
-        if loss is not None and not trainer.sanity_checking:
-            self.losses["val"].append([trainer.global_step, float(loss)])
+        if loss is None or trainer.sanity_checking:
+            return
+        val = self.losses["val"]
+        if val and val[-1][0] == trainer.global_step:  # validated again at a resumed run's first step
+            val.pop()
+        val.append([trainer.global_step, float(loss)])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._probe(trainer, pl_module, final=True)

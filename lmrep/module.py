@@ -69,6 +69,7 @@ class LanguageModelModule(L.LightningModule):
         self.model = model
         self.save_hyperparameters(ignore=["model"])
         self.val_loss = MeanMetric()
+        self.last_val_step: int | None = None  # step of the last validation in this process
         # Set from the data module at fit time; checked against a resumed checkpoint.
         self.tokenizer_hash: str | None = None
         self.tokenizer_json: str | None = None
@@ -96,8 +97,32 @@ class LanguageModelModule(L.LightningModule):
         self.val_loss.update(loss, weight=n_tokens)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        value = self.val_loss.compute()
         self.val_loss.reset()
+        # Progress bar and callback_metrics only: Lightning would log it at the step before the
+        # update that produced these weights (99, not 100); the loggers get the weights' own step.
+        self.log("val/loss", value, prog_bar=True, logger=False, sync_dist=False)
+        if self.trainer.sanity_checking:
+            return
+        for logger in self.loggers:
+            logger.log_metrics({"val/loss": float(value)}, step=self.global_step)
+        self.last_val_step = self.global_step
+
+    def on_train_start(self) -> None:
+        """Validate the weights training starts from: step 0 before any update, or a resumed run's step.
+
+        A checkpoint is written before the validation of its step, so a resumed run
+        would otherwise have no validation point at the step it resumes from.
+        """
+        trainer = self.trainer
+        if not trainer.enable_validation or self.last_val_step == self.global_step:
+            return
+        # What Lightning's training epoch loop does around its own validation runs (lightning<2.7).
+        trainer.validating = True
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

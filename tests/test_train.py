@@ -18,9 +18,9 @@ from data.tinystories import TinyStoriesDataModule
 from lmrep.checkpoints import list_checkpoints, load_checkpoint, read_checkpoint
 from lmrep.cli import TrainCLI, main
 from lmrep.export import export_checkpoint
-from tests.wandb_records import read_offline_history
 from lmrep.module import LanguageModelModule, next_token_loss
 from tests.conftest import FAMILY_CONFIGS, REPO, tiny_config
+from tests.wandb_records import read_offline_history
 
 
 class RecordAtStart(L.Callback):
@@ -157,3 +157,26 @@ def test_llama_export_loads_in_transformers(tmp_path: Path, data_cache: Path) ->
     generated = hf_model.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 5
     assert isinstance(tokenizer.decode(generated[0]), str)
+
+
+def test_one_step_axis_for_losses_and_probes_across_a_resume(tmp_path: Path, data_cache: Path) -> None:
+    # A value computed from the weights after N updates carries step N: probes and validation of the
+    # checkpoint at N, the training loss of the batch that follows it; validation also at step 0, and
+    # at the step a resumed run starts from (its checkpoint was written before that validation).
+    run = tmp_path / "run"
+    probe = {"class_path": "lmrep.callbacks.ProbeCallback",
+             "init_args": {"num_prompts": 1, "tokens": 4, "masks": [0], "contexts": ["prompt"],
+                           "settings": {"steps": 2}}}
+    for steps in (4, 6):
+        cfg = tiny_config(tmp_path / f"{steps}.yaml", "flat", run, data_cache, steps=steps, every=2, val_every=2,
+                          callbacks=[probe])
+        cli = main(["fit", "--config", str(cfg)])
+    history = read_offline_history(run)
+    val_steps = sorted({row["trainer/global_step"] for row in history if "val/loss" in row})
+    probe_steps = sorted({row["trainer/global_step"] for row in history if "probe/prompt/self/m0/block_1" in row})
+    train_steps = sorted({row["trainer/global_step"] for row in history if "train/loss" in row})
+    assert val_steps == probe_steps == [0, 2, 4, 6]
+    assert train_steps == list(range(6))
+    (losses,) = [c.losses for c in cli.trainer.callbacks if type(c).__name__ == "ProbeCallback"]  # what it plots
+    assert [step for step, _ in losses["val"]] == [0, 2, 4, 6]  # the PNG's points, none lost or doubled
+    assert [step for step, _ in losses["train"]] == list(range(6))
