@@ -52,6 +52,7 @@ DEFAULT_CACHE = REPO / ".cache" / "lmrep"
 MATMUL_SIZE = 1024  # square fp32 matmul used to measure the machine's peak
 TRAIN_FACTOR = 3  # forward + input gradient + weight gradient
 PROBE_FACTOR = 2  # forward + input gradient (frozen weights)
+TRAIN_LR = {"mixer": 3e-3, "llama": 2e-3}  # the peak lrs of configs/quickstart.yaml and configs/llama.yaml
 
 
 # ---------------------------------------------------------------- output

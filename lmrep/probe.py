@@ -16,7 +16,7 @@ gradient it would get alone, and its start noise depends only on
 `patience`, each row stops on its own criterion and the batch shrinks to the rows
 still running, so the cost follows the unconverged rows.
 
-The engine touches nothing but the surface: `family`, `n_blocks`,
+The engine touches nothing but the surface: `family`, `probe_lr`, `n_blocks`,
 `context_length`, `embedding_matrix`, `embed` and `run_blocks`.
 """
 
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lmrep import metrics
-from models.surface import check_block_range, check_length
+from models.surface import ProbeSurface, check_block_range, check_length
 
 METHODS = ("embedding", "onehot")
 LOSSES = ("l1", "l2", "cosine", "mix")
@@ -40,34 +40,6 @@ OPTIMIZERS = ("adam", "gd")
 CONTEXTS = ("prompt", "padded")
 FREES = ("all", "real", "masked")
 
-# Default learning rates, keyed by (method, optimizer, family); family "*" serves
-# every family. Measured by sweeping lr on untrained models (seed 0), 500 steps,
-# 4 TinyStories validation prompts of 16 tokens, block 1, m = 0, prompt
-# context, other settings default; criterion: self top-1 recovery, then final
-# loss / distance ratio. Where several lrs recover 100%, the pick sits inside
-# the working range rather than at its edge, since deeper blocks and padded
-# non-self cells are harder (checked on a deeper sweep: see below).
-# - embedding/adam, flat mixer d=128 (N(0,1) embeddings): 100% for 0.005-0.2,
-#   lowest loss at 0.02; 0.05 (the reference run's value) also 100% at block 8
-#   of an n=8 mixer and for padded non-self (d=256, m=1).
-#   llama d=128 (std 0.02): 100% for 0.002-0.02, 89% at 0.05, 53% at 0.1;
-#   at block 4 of n=4: 100% for 0.002-0.01 but 80% at 0.02, so 0.005 (the
-#   middle, and the lowest distance ratio there). Adam's step is in input
-#   units, so the lr follows the embedding scale.
-# - embedding/gd (summed distance, see `_row_weights`): mixer 100% for
-#   0.005-0.5, lowest loss 0.02; llama 100% for 0.0005-0.002, 83% at 0.005.
-# - onehot/adam (lr in logit units, so family-free): 100% at 0.1 for both
-#   families (mixer: 97% at 0.03, 94% at 0.3; llama: 100% 0.03-0.3).
-# - onehot/gd: poor everywhere (best: mixer 58% at 1, llama 52% at 10); use adam.
-DEFAULT_LR: dict[tuple[str, str, str], float] = {
-    ("embedding", "adam", "mixer"): 0.05,
-    ("embedding", "adam", "llama"): 0.005,
-    ("embedding", "gd", "mixer"): 0.02,
-    ("embedding", "gd", "llama"): 0.001,
-    ("onehot", "adam", "*"): 0.1,
-    ("onehot", "gd", "mixer"): 1.0,
-    ("onehot", "gd", "llama"): 10.0,
-}
 LR_FINAL_FRACTION = 0.1  # the lr decays linearly to lr/10 over the run, as in the source
 ONEHOT_INIT_SCALE = 1.0  # std of the starting logits for method="onehot" (near-uniform softmax)
 CHECK_EVERY = 10  # steps between the (host-syncing) NaN and patience checks
@@ -97,7 +69,7 @@ class ProbeSettings:
     optimizer: str = "adam"
     """adam, or gd: plain gradient descent on the summed distance, as in the source."""
     lr: float | None = None
-    """Starting learning rate; None takes DEFAULT_LR for (method, optimizer, family)."""
+    """Starting learning rate; None takes the model family's `probe_lr[(method, optimizer)]`."""
     steps: int = 500
     """Optimisation steps; the lr decays linearly from lr to lr/10 over them."""
     context: str = "prompt"
@@ -158,19 +130,17 @@ class ProbeSettings:
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"max_rows must be >= 1 or None, got {self.max_rows}")
 
-    def resolved(self, family: str, embedding_std: float | None = None) -> ProbeSettings:
-        """A copy with None defaults filled in: lr from DEFAULT_LR, init_scale from the embedding std."""
+    def resolved(self, surface: ProbeSurface | type[ProbeSurface], embedding_std: float | None = None) -> ProbeSettings:
+        """A copy with None defaults filled in: lr from the surface's probe_lr, init_scale from the embedding std."""
         lr = self.lr
         if lr is None:
-            key = (self.method, self.optimizer, family)
-            if key not in DEFAULT_LR:
-                key = (self.method, self.optimizer, "*")
-            if key not in DEFAULT_LR:
+            key = (self.method, self.optimizer)
+            if key not in surface.probe_lr:
                 raise ValueError(
-                    f"no default lr for method={self.method}, optimizer={self.optimizer}, family {family!r}: "
+                    f"no default lr for method={self.method}, optimizer={self.optimizer}, family {surface.family!r}: "
                     "set lr or measure one with lmrep.probe.calibrate_lr"
                 )
-            lr = DEFAULT_LR[key]
+            lr = surface.probe_lr[key]
         init_scale = self.init_scale
         if init_scale is None:
             if self.method == "onehot":
@@ -564,7 +534,7 @@ def probe(
     if settings.allowed_tokens is not None and not all(0 <= t < vocab for t in settings.allowed_tokens):
         raise ValueError(f"allowed_tokens must be token ids in 0..{vocab - 1}")
     w_std = float(w_e.std())
-    settings = settings.resolved(model.family, w_std)
+    settings = settings.resolved(model, w_std)
     if pinv is None:
         pinv = torch.linalg.pinv(w_e)  # (d, V): once per probe call, never per step
     t_ctx = model.context_length if settings.context == "padded" else t_prompt
@@ -658,7 +628,8 @@ def calibrate_lr(
 ) -> tuple[float, dict[float, float]]:
     """Pick the lr in `grid` with the best block-1 self (m = 0) top-1 recovery, ties to the lower final loss.
 
-    Returns (best lr, {lr: pooled self accuracy}); for a model family with no entry in DEFAULT_LR.
+    Returns (best lr, {lr: pooled self accuracy}); for a model family whose probe_lr has no entry for
+    the settings' (method, optimizer).
     """
     if len(grid) == 0:
         raise ValueError("empty lr grid")

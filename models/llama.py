@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from models.surface import check_length, check_run
+from models.surface import SurfaceModel, check_length, check_run
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -115,27 +116,24 @@ def _mask_arguments(h: Tensor) -> dict[str, Any]:
     return args
 
 
-class LlamaLM(nn.Module):
+class LlamaLM(SurfaceModel):
     """HF `LlamaForCausalLM` exposing the probing surface."""
 
     family: ClassVar[str] = "llama"
     config_class: ClassVar[type] = LlamaModelConfig
+    # Measured on untrained llamas (embedding std ~0.02): benchmarks/RESULTS.md, "Default probe learning rates".
+    probe_lr: ClassVar[Mapping[tuple[str, str], float]] = {
+        ("embedding", "adam"): 0.005,
+        ("embedding", "gd"): 0.001,
+        ("onehot", "adam"): 0.1,
+        ("onehot", "gd"): 10.0,
+    }
 
     def __init__(self, config: LlamaModelConfig) -> None:
         super().__init__()
         self.config = config
         self.hf = LlamaForCausalLM(config.to_hf())
         self.blocks = self.hf.model.layers  # the HF ModuleList itself, not a copy
-
-    @property
-    def n_blocks(self) -> int:
-        """Number of decoder layers n."""
-        return len(self.blocks)
-
-    @property
-    def context_length(self) -> int:
-        """Longest sequence the model accepts (L)."""
-        return self.config.context_length
 
     @property
     def embedding_matrix(self) -> Tensor:
@@ -164,10 +162,6 @@ class LlamaLM(nn.Module):
                 h, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings
             )  # (b, t, d)
         return h
-
-    def hidden(self, e: Tensor, upto: int) -> Tensor:
-        """Hidden state after `upto` layers for input embeddings e (b, t, d), before the final norm."""
-        return self.run_blocks(e, 0, upto)
 
     def forward(self, ids: Tensor) -> Tensor:
         """Token ids (b, t) -> next-token logits (b, t, vocab)."""
