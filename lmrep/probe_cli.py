@@ -30,7 +30,7 @@ from lmrep.probe import CONTEXTS, FREES, LOSSES, METHODS, OPTIMIZERS, ProbeSetti
 from lmrep.report import summary_table, wandb_charts, wandb_scalars, wandb_table, write_report
 from lmrep.runner import (ModelSource, PromptSet, Shard, checkpoint_sources, encode_prompts, parse_blocks,
                           parse_ints, read_prompt_file, run_probe, untrained_source_id, validation_prompts)
-from models import build_model, model_spec
+from models import build_model, model_class, model_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,13 +84,10 @@ def untrained_model(config_path: Path, seed: int) -> tuple[torch.nn.Module, dict
     cfg = yaml.safe_load(config_path.read_text())
     try:
         spec = cfg["model"]["model"]
-        module_name, class_name = spec["class_path"].rsplit(".", 1)
-        config = spec["init_args"]["config"]
-    except (KeyError, TypeError, ValueError):
+        class_path, config = spec["class_path"], spec["init_args"]["config"]
+    except (KeyError, TypeError):
         raise ValueError(f"{config_path} has no model.model.class_path / init_args.config section") from None
-    family = {"MaskedMixer": "mixer", "LlamaLM": "llama"}.get(class_name)
-    if family is None:
-        raise ValueError(f"unknown model class {spec['class_path']!r} in {config_path}")
+    family = model_class(class_path).family
     torch.manual_seed(seed)
     return build_model(family, config), cfg.get("data") or {}
 
