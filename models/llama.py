@@ -9,6 +9,7 @@ final RMSNorm applied; `hidden(e, upto=n)` here is the un-normed block output.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Mapping
@@ -170,15 +171,22 @@ class LlamaLM(SurfaceModel):
 
 
 def export_hf(model: LlamaLM, tokenizer: PreTrainedTokenizerFast | None, out_dir: Path) -> Path:
-    """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(out_dir)` works."""
+    """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(out_dir)` works.
+
+    With a tokenizer, config.json and generation_config.json carry its end-of-text and pad ids (stop at
+    end-of-text, pad with pad), and the saved tokenizer's `model_max_length` is the model's context length,
+    so HF tools truncate where the model ends instead of at the library's "unlimited" default.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
-        # Record the tokenizer's special ids for generation (stop at end-of-text, pad with pad).
-        generation = model.hf.generation_config
-        generation.eos_token_id = tokenizer.eos_token_id
-        pad_id = tokenizer.pad_token_id
-        generation.pad_token_id = pad_id if pad_id is not None else tokenizer.eos_token_id
-        tokenizer.save_pretrained(out_dir)
+        eos_id = tokenizer.eos_token_id
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+        for config in (model.hf.config, model.hf.generation_config):
+            config.eos_token_id = eos_id
+            config.pad_token_id = pad_id
+        saved = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own limit
+        saved.model_max_length = model.context_length
+        saved.save_pretrained(out_dir)
     model.hf.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

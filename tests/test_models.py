@@ -243,13 +243,24 @@ def test_llama_export_round_trip(tmp_path: Path, tie: bool) -> None:
     torch.manual_seed(SEED)
     model = LlamaLM(LlamaModelConfig(vocab_size=VOCAB, d_model=32, n_blocks=2, n_heads=4, context_length=16,
                                      tie_embeddings=tie)).eval()
-    out_dir = export_hf(model, tiny_tokenizer(), tmp_path / "hf")
+    ours_tokenizer = tiny_tokenizer()
+    unlimited = ours_tokenizer.model_max_length
+    out_dir = export_hf(model, ours_tokenizer, tmp_path / "hf")
     assert (out_dir / "model.safetensors").exists()
+    assert ours_tokenizer.model_max_length == unlimited  # the caller's tokenizer is left as it was
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id == 0
     assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id == 1
+    # config.json carries the tokenizer's ids too (HF reads them from there, not only for generation) ...
+    saved_config = json.loads((out_dir / "config.json").read_text())
+    assert saved_config["eos_token_id"] == 0 and saved_config["pad_token_id"] == 1
+    assert loaded.config.eos_token_id == 0 and loaded.config.pad_token_id == 1
+    # ... and the tokenizer truncates where the model's context ends.
+    assert tokenizer.model_max_length == model.context_length == 16
+    long_ids = tokenizer(" ".join(["cat"] * 40), truncation=True).input_ids
+    assert len(long_ids) == 16
     ids = tokenizer("once upon a time there was a cat .", return_tensors="pt").input_ids
     assert ids.shape == (1, 9)
     with torch.no_grad():

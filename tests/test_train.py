@@ -177,6 +177,9 @@ def test_llama_export_loads_in_transformers(tmp_path: Path, data_cache: Path) ->
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tokenizer.encode("Once upon a time there was a cat")])
     ours = load_checkpoint(ckpt).model
+    assert (hf_model.config.eos_token_id, hf_model.config.pad_token_id) == (tokenizer.eos_token_id,
+                                                                            tokenizer.pad_token_id)
+    assert tokenizer.pad_token_id is not None and tokenizer.model_max_length == ours.context_length == 32
     with torch.no_grad():
         torch.testing.assert_close(hf_model(ids).logits, ours(ids))
     generated = hf_model.generate(ids, max_new_tokens=5, do_sample=False)
