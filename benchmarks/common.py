@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/<name>.py` from a fresh clone
     sys.path.insert(0, str(REPO))
 
-from lmrep.module import next_token_loss, warmup_cosine  # noqa: E402
+from lmrep.module import next_token_loss, warmup_cosine, weight_decay_groups  # noqa: E402
 from models import build_model  # noqa: E402
 
 RESULTS_DIR = REPO / "runs" / "benchmarks"
@@ -52,6 +52,7 @@ DEFAULT_CACHE = REPO / ".cache" / "lmrep"
 MATMUL_SIZE = 1024  # square fp32 matmul used to measure the machine's peak
 TRAIN_FACTOR = 3  # forward + input gradient + weight gradient
 PROBE_FACTOR = 2  # forward + input gradient (frozen weights)
+TRAIN_LR = {"mixer": 3e-3, "llama": 2e-3}  # the peak lrs of configs/quickstart.yaml and configs/llama.yaml
 
 
 # ---------------------------------------------------------------- output
@@ -200,11 +201,7 @@ def make_model(family: str, d: int, n_blocks: int, context: int, seed: int = 0) 
 def adamw_like_module(model: nn.Module, lr: float, weight_decay: float = 0.1,
                       betas: tuple[float, float] = (0.9, 0.95), fused: bool = True) -> torch.optim.AdamW:
     """AdamW with the LightningModule's parameter groups (no decay on biases, norms, embeddings), fused as there."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            is_embedding = "embed" in name or "wte" in name
-            (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+    decay, no_decay = weight_decay_groups(model)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, fused=fused)
 

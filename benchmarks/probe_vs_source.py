@@ -44,13 +44,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_CACHE, cycle, data_module, default_out, make_model, matmul_gflops, print_table, probe_flops_per_step,
-    synchronize, train_plain, validation_prompts, write_json,
+    DEFAULT_CACHE, TRAIN_LR, cycle, data_module, default_out, make_model, matmul_gflops, print_table,
+    probe_flops_per_step, synchronize, train_plain, validation_prompts, write_json,
 )
 from lmrep.checkpoints import load_checkpoint  # noqa: E402
 from lmrep.probe import LR_FINAL_FRACTION, ProbeSettings, probe  # noqa: E402
-
-TRAIN_LR = {"mixer": 3e-3, "llama": 2e-3}  # the peak lrs of configs/quickstart.yaml and configs/llama.yaml
 
 
 # ---------------------------------------------------------------- the source procedure, literally

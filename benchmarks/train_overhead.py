@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_CACHE, adamw_like_module, data_module, default_out, make_model, matmul_gflops, print_table,
+    DEFAULT_CACHE, TRAIN_LR, adamw_like_module, data_module, default_out, make_model, matmul_gflops, print_table,
     train_flops_per_token, write_json,
 )
 from lmrep.callbacks import TokensPerSecond  # noqa: E402
@@ -45,7 +45,6 @@ from lmrep.checkpoints import StepCheckpoint  # noqa: E402
 from lmrep.loggers import RunLogger  # noqa: E402
 from lmrep.module import LanguageModelModule, next_token_loss, warmup_cosine  # noqa: E402
 
-TRAIN_LR = {"mixer": 3e-3, "llama": 2e-3}
 WARMUP_STEPS = 100  # configs' warm-up; only the lr values depend on it, not the cost
 CHECKPOINT_EVERY = 250  # configs/llama.yaml
 LOG_EVERY = 10  # configs/llama.yaml

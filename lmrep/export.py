@@ -3,7 +3,9 @@
     python -m lmrep.export runs/llama/checkpoints/last.ckpt exported/llama
 
 The directory loads with `AutoModelForCausalLM.from_pretrained` and
-`AutoTokenizer.from_pretrained`, so other tools can use lmrep's checkpoints.
+`AutoTokenizer.from_pretrained`, so other tools can use lmrep's checkpoints: its
+config carries the tokenizer's end-of-text and pad ids, and the tokenizer's
+`model_max_length` is the model's context length (`models.llama.export_hf`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from models import model_spec
+from models import SurfaceModel, model_spec
 
 IGNORE_INDEX = -100  # label value of padding positions (HF convention)
 CHECKPOINT_KEY = "lmrep"  # where lmrep's own metadata lives inside a Lightning checkpoint
@@ -37,6 +37,19 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         ignore_index=IGNORE_INDEX,
     )
     return loss, n_tokens
+
+
+def weight_decay_groups(model: SurfaceModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, not decayed) trainable parameters: matrices decay; biases, norms and the embedding do not."""
+    # The embedding is found by identity, not by parameter name: every family names it its own way, and
+    # a tied LM head is this same tensor (parameters() lists a shared tensor once).
+    embedding = model.embedding_matrix
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and p is not embedding else no_decay).append(p)
+    return decay, no_decay
 
 
 class LanguageModelModule(L.LightningModule):
@@ -125,12 +138,7 @@ class LanguageModelModule(L.LightningModule):
         trainer._logger_connector._first_loop_iter = first_loop_iter
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            is_embedding = "embed" in name or "wte" in name
-            (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+        decay, no_decay = weight_decay_groups(self.model)
         hp = self.hparams
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

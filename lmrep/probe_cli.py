@@ -41,7 +41,7 @@ from lmrep.probe import CONTEXTS, ProbeSettings, calibrate_lr
 from lmrep.prompts import PromptSet, encode_prompts, parse_blocks, parse_ints, read_prompt_file, validation_prompts
 from lmrep.runs import RESULTS_FILE, ModelSource, check_output_dir, checkpoint_sources, untrained_source_id
 from lmrep.sharding import Shard
-from models import build_model, model_spec
+from models import build_model, model_class, model_spec
 
 FLAG_ALIASES = {"--loss": "--loss_fn"}  # earlier names of settings fields
 DEFAULT_STORY_TOKENS = 16  # validation stories are cut to this many tokens unless --tokens says otherwise
@@ -91,8 +91,8 @@ class ProbeRequest:
     """Nodes (SLURM: srun starts the processes)."""
 
 
-def _family_config_class(init: str) -> tuple[type, dict[str, Any], dict[str, Any]]:
-    """The model config dataclass named by a training config, its values there, and the config's data section."""
+def _family_of_config(init: str) -> tuple[type, dict[str, Any], dict[str, Any]]:
+    """The model family class named by a training config, its config values there, and the config's data section."""
     path = Path(init)
     if not path.is_file():
         raise FileNotFoundError(f"config not found: {path}")
@@ -102,9 +102,7 @@ def _family_config_class(init: str) -> tuple[type, dict[str, Any], dict[str, Any
         class_path, config = spec["class_path"], dict(spec["init_args"]["config"])
     except (KeyError, TypeError):
         raise ValueError(f"{path} has no model.model.class_path / init_args.config section") from None
-    from models import model_class
-
-    return model_class(class_path).config_class, config, cfg.get("data") or {}
+    return model_class(class_path), config, cfg.get("data") or {}
 
 
 def _init_path(argv: list[str]) -> str | None:
@@ -179,8 +177,8 @@ def parse(argv: list[str] | None) -> ParsedCommand:
     """Parse (and check) a probe.py command line; errors raise ValueError with one line."""
     args = normalise_flags(list(sys.argv[1:] if argv is None else argv))
     init = _init_path(args)
-    family = _family_config_class(init) if init else None
-    parser = build_parser(None if family is None else family[:2])
+    family = _family_of_config(init) if init else None
+    parser = build_parser(None if family is None else (family[0].config_class, family[1]))
     try:
         cfg: Namespace = parser.parse_args(args)
     except argparse.ArgumentError as err:
@@ -201,12 +199,9 @@ def parse(argv: list[str] | None) -> ParsedCommand:
 def untrained_model(config_path: str | Path, seed: int,
                     overrides: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model a training config would start from (with `overrides` of its config fields), seeded; and its data."""
-    config_class, values, data = _family_config_class(str(config_path))
-    from models import MODEL_FAMILIES
-
-    family = next(name for name, cls in MODEL_FAMILIES.items() if cls.config_class is config_class)
+    cls, values, data = _family_of_config(str(config_path))
     torch.manual_seed(seed)
-    return build_model(family, {**values, **(overrides or {})}), data
+    return build_model(cls.family, {**values, **(overrides or {})}), data
 
 
 def load_tokenizer_for(request: ProbeRequest, data_cfg: dict[str, Any]) -> tuple[Any, str]:

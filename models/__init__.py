@@ -1,24 +1,23 @@
-"""Model families behind one probing surface, and building them from plain dicts.
+"""Model families behind one probing surface: the one registry, and building models from plain dicts.
 
 `model_spec(model)` is a JSON-able dict that `build_model(**spec)` turns back
-into the same architecture, so a checkpoint can rebuild its model.
+into the same architecture, so a checkpoint can rebuild its model. A new family
+is a file with a `SurfaceModel` subclass, one entry in `MODEL_FAMILIES` (or a
+`register_family` call for a family kept outside `models/`) and a YAML in `configs/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
-
-from torch import nn
 
 from models.llama import LlamaLM, LlamaModelConfig, export_hf
 from models.mixer import MaskedMixer, MixerConfig
-from models.surface import ProbeSurface
+from models.surface import ProbeSurface, SurfaceModel
 
-MODEL_FAMILIES: dict[str, type[nn.Module]] = {
-    "llama": LlamaLM,
-    "mixer": MaskedMixer,
-}
+# Family name -> class, keyed by each class's own `family` so the two can never disagree.
+MODEL_FAMILIES: dict[str, type[SurfaceModel]] = {cls.family: cls for cls in (LlamaLM, MaskedMixer)}
 
 __all__ = [
     "MODEL_FAMILIES",
@@ -27,35 +26,61 @@ __all__ = [
     "MaskedMixer",
     "MixerConfig",
     "ProbeSurface",
+    "SurfaceModel",
     "build_model",
     "export_hf",
+    "model_class",
     "model_spec",
+    "register_family",
 ]
 
 
-def build_model(family: str, config: dict[str, Any]) -> nn.Module:
+def register_family(cls: type[SurfaceModel]) -> type[SurfaceModel]:
+    """Add a model family under its own `family` name (usable as a class decorator); returns the class."""
+    if not (isinstance(cls, type) and issubclass(cls, SurfaceModel)):
+        raise TypeError(f"{cls!r} is not a models.surface.SurfaceModel subclass")
+    for name in ("family", "config_class", "probe_lr"):
+        if not hasattr(cls, name):
+            raise TypeError(f"model family {cls.__qualname__} sets no {name}")
+    if not dataclasses.is_dataclass(cls.config_class):
+        raise TypeError(f"{cls.__qualname__}.config_class must be a dataclass, got {cls.config_class!r}")
+    taken = MODEL_FAMILIES.get(cls.family)
+    if taken is not None and taken is not cls:
+        raise ValueError(
+            f"model family '{cls.family}' is already registered to {taken.__module__}.{taken.__qualname__}"
+        )
+    MODEL_FAMILIES[cls.family] = cls
+    return cls
+
+
+def model_class(class_path: str) -> type[SurfaceModel]:
+    """The registered family class that a YAML `class_path` (e.g. 'models.mixer.MaskedMixer') names."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):  # ValueError: a bare name has no module to import
+        raise ValueError(f"cannot import model class '{class_path}'") from None
+    if cls not in MODEL_FAMILIES.values():
+        raise ValueError(f"'{class_path}' is not a registered model family: registered are "
+                         f"{', '.join(sorted(MODEL_FAMILIES))} (add one with models.register_family)")
+    return cls
+
+
+def build_model(family: str, config: dict[str, Any]) -> SurfaceModel:
     """Build a model of `family` from a dict of its config fields (missing fields take defaults)."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family '{family}': choose one of {', '.join(sorted(MODEL_FAMILIES))}")
-    model_class = MODEL_FAMILIES[family]
-    valid = [field.name for field in dataclasses.fields(model_class.config_class)]
+    cls = MODEL_FAMILIES[family]
+    valid = [field.name for field in dataclasses.fields(cls.config_class)]
     unknown = sorted(set(config) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown config key(s) {', '.join(unknown)} for model family '{family}': valid keys are {', '.join(valid)}"
         )
-    return model_class(model_class.config_class(**config))
+    return cls(cls.config_class(**config))
 
 
-def model_spec(model: nn.Module) -> dict[str, Any]:
+def model_spec(model: SurfaceModel) -> dict[str, Any]:
     """The family and config of a model as plain JSON-able types: `build_model(**spec)` rebuilds it."""
     return {"family": model.family, "config": dataclasses.asdict(model.config)}
 
-
-def model_class(class_path: str) -> type[nn.Module]:
-    """The registered family class a YAML `class_path` names (e.g. models.mixer.MaskedMixer)."""
-    for cls in MODEL_FAMILIES.values():
-        if f"{cls.__module__}.{cls.__qualname__}" == class_path:
-            return cls
-    raise ValueError(f"unknown model class {class_path!r}: choose one of "
-                     + ", ".join(f"{c.__module__}.{c.__qualname__}" for c in MODEL_FAMILIES.values()))

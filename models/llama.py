@@ -9,8 +9,10 @@ final RMSNorm applied; `hidden(e, upto=n)` here is the un-normed block output.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from models.surface import check_length, check_run
+from models.surface import SurfaceModel, check_length, check_run
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -115,29 +117,24 @@ def _mask_arguments(h: Tensor) -> dict[str, Any]:
     return args
 
 
-class LlamaLM(nn.Module):
+class LlamaLM(SurfaceModel):
     """HF `LlamaForCausalLM` exposing the probing surface."""
 
     family: ClassVar[str] = "llama"
     config_class: ClassVar[type] = LlamaModelConfig
-    probe_lr: ClassVar[dict[tuple[str, str], float]] = {
-        ("embedding", "adam"): 0.005, ("embedding", "gd"): 0.001, ("onehot", "adam"): 0.1, ("onehot", "gd"): 10.0}
+    # Measured on untrained llamas (embedding std ~0.02): benchmarks/RESULTS.md, "Default probe learning rates".
+    probe_lr: ClassVar[Mapping[tuple[str, str], float]] = {
+        ("embedding", "adam"): 0.005,
+        ("embedding", "gd"): 0.001,
+        ("onehot", "adam"): 0.1,
+        ("onehot", "gd"): 10.0,
+    }
 
     def __init__(self, config: LlamaModelConfig) -> None:
         super().__init__()
         self.config = config
         self.hf = LlamaForCausalLM(config.to_hf())
         self.blocks = self.hf.model.layers  # the HF ModuleList itself, not a copy
-
-    @property
-    def n_blocks(self) -> int:
-        """Number of decoder layers n."""
-        return len(self.blocks)
-
-    @property
-    def context_length(self) -> int:
-        """Longest sequence the model accepts (L)."""
-        return self.config.context_length
 
     @property
     def embedding_matrix(self) -> Tensor:
@@ -167,10 +164,6 @@ class LlamaLM(nn.Module):
             )  # (b, t, d)
         return h
 
-    def hidden(self, e: Tensor, upto: int) -> Tensor:
-        """Hidden state after `upto` layers for input embeddings e (b, t, d), before the final norm."""
-        return self.run_blocks(e, 0, upto)
-
     def forward(self, ids: Tensor) -> Tensor:
         """Token ids (b, t) -> next-token logits (b, t, vocab)."""
         check_length(ids.shape[1], self.context_length)
@@ -178,15 +171,22 @@ class LlamaLM(nn.Module):
 
 
 def export_hf(model: LlamaLM, tokenizer: PreTrainedTokenizerFast | None, out_dir: Path) -> Path:
-    """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(out_dir)` works."""
+    """Save the model (safetensors) and tokenizer so `AutoModelForCausalLM.from_pretrained(out_dir)` works.
+
+    With a tokenizer, config.json and generation_config.json carry its end-of-text and pad ids (stop at
+    end-of-text, pad with pad), and the saved tokenizer's `model_max_length` is the model's context length,
+    so HF tools truncate where the model ends instead of at the library's "unlimited" default.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
-        # Record the tokenizer's special ids for generation (stop at end-of-text, pad with pad).
-        generation = model.hf.generation_config
-        generation.eos_token_id = tokenizer.eos_token_id
-        pad_id = tokenizer.pad_token_id
-        generation.pad_token_id = pad_id if pad_id is not None else tokenizer.eos_token_id
-        tokenizer.save_pretrained(out_dir)
+        eos_id = tokenizer.eos_token_id
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+        for config in (model.hf.config, model.hf.generation_config):
+            config.eos_token_id = eos_id
+            config.pad_token_id = pad_id
+        saved = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own limit
+        saved.model_max_length = model.context_length
+        saved.save_pretrained(out_dir)
     model.hf.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -14,6 +14,7 @@ those positions, so no padding is ever needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.surface import check_run
+from models.surface import SurfaceModel, check_run
 
 MIXINGS = ("flat", "expanded", "parallel")
 
@@ -170,13 +171,18 @@ class MixerBlock(nn.Module):
         return x
 
 
-class MaskedMixer(nn.Module):
+class MaskedMixer(SurfaceModel):
     """Masked mixer language model: embedding -> n mixer blocks -> LayerNorm -> LM head."""
 
     family: ClassVar[str] = "mixer"
     config_class: ClassVar[type] = MixerConfig
-    probe_lr: ClassVar[dict[tuple[str, str], float]] = {
-        ("embedding", "adam"): 0.05, ("embedding", "gd"): 0.02, ("onehot", "adam"): 0.1, ("onehot", "gd"): 1.0}
+    # Measured on untrained mixers (N(0, 1) embeddings): benchmarks/RESULTS.md, "Default probe learning rates".
+    probe_lr: ClassVar[Mapping[tuple[str, str], float]] = {
+        ("embedding", "adam"): 0.05,
+        ("embedding", "gd"): 0.02,
+        ("onehot", "adam"): 0.1,
+        ("onehot", "gd"): 1.0,
+    }
 
     def __init__(self, config: MixerConfig) -> None:
         super().__init__()
@@ -187,16 +193,6 @@ class MaskedMixer(nn.Module):
         self.blocks = nn.ModuleList(MixerBlock(config) for _ in range(config.n_blocks))
         self.norm = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-
-    @property
-    def n_blocks(self) -> int:
-        """Number of blocks n."""
-        return len(self.blocks)
-
-    @property
-    def context_length(self) -> int:
-        """Longest sequence the model accepts (L)."""
-        return self.config.context_length
 
     @property
     def embedding_matrix(self) -> Tensor:
@@ -213,10 +209,6 @@ class MaskedMixer(nn.Module):
         for block in self.blocks[start:stop]:
             h = block(h)  # (b, t, d)
         return h
-
-    def hidden(self, e: Tensor, upto: int) -> Tensor:
-        """Hidden state after `upto` blocks for input embeddings e (b, t, d); upto=0 returns e."""
-        return self.run_blocks(e, 0, upto)
 
     def forward(self, ids: Tensor) -> Tensor:
         """Token ids (b, t) -> next-token logits (b, t, vocab)."""

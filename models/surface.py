@@ -3,10 +3,16 @@
 Every model family in `models/` offers it, so the probe never looks inside a
 family. Block k's output is the hidden state after k blocks (k = 0 is the
 embedding itself); there is no final norm and no LM head in it.
+
+`SurfaceModel` is the base every family derives from: it holds the members all
+families compute the same way, so a family file writes only what is its own
+(the embedding, running its blocks, the LM head).
 """
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -18,6 +24,7 @@ class ProbeSurface(Protocol):
     """What the probe engine needs from a model, and nothing more."""
 
     family: ClassVar[str]
+    probe_lr: ClassVar[Mapping[tuple[str, str], float]]
     config: Any
     blocks: nn.ModuleList
 
@@ -51,6 +58,46 @@ class ProbeSurface(Protocol):
     def forward(self, ids: Tensor) -> Tensor:
         """Token ids (b, t) -> next-token logits (b, t, vocab)."""
         ...
+
+
+class SurfaceModel(nn.Module, abc.ABC):
+    """Base class of a model family: the shared surface members; a family adds its embedding and blocks."""
+
+    family: ClassVar[str]
+    """The family's name in `models.MODEL_FAMILIES` and in checkpoints."""
+    config_class: ClassVar[type]
+    """The family's config dataclass; `config` is an instance of it."""
+    probe_lr: ClassVar[Mapping[tuple[str, str], float]]
+    """Measured default probe lr per (method, optimizer); a missing key means "set lr or calibrate"."""
+    config: Any
+    blocks: nn.ModuleList
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of blocks n; `hidden(e, upto=k)` is defined for 0 <= k <= n."""
+        return len(self.blocks)
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model accepts (L)."""
+        return self.config.context_length
+
+    @property
+    @abc.abstractmethod
+    def embedding_matrix(self) -> Tensor:
+        """The input embedding matrix W_E, shape (vocab, d)."""
+
+    @abc.abstractmethod
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token ids (b, t) -> input embeddings (b, t, d)."""
+
+    @abc.abstractmethod
+    def run_blocks(self, h: Tensor, start: int, stop: int) -> Tensor:
+        """Apply blocks start..stop-1 to the hidden state after `start` blocks (b, t, d)."""
+
+    def hidden(self, e: Tensor, upto: int) -> Tensor:
+        """Hidden state after `upto` blocks for input embeddings e (b, t, d); upto=0 returns e itself."""
+        return self.run_blocks(e, 0, upto)
 
 
 def check_block_range(upto: int, n_blocks: int) -> None:

@@ -1,33 +1,59 @@
-"""Tests for the model families: causality at every block, the probing surface, HF parity and export."""
+"""Tests for the model families: causality at every block, the probing surface, the registry, HF parity and export."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models import MODEL_FAMILIES, ProbeSurface, build_model, model_spec
+import models
+from lmrep.checkpoints import load_checkpoint
+from lmrep.cli import main as train_main
+from lmrep.probe import ProbeSettings, probe
+from lmrep.probe_cli import main as probe_main
+from lmrep.runs import read_results
+from models import MODEL_FAMILIES, ProbeSurface, build_model, model_class, model_spec, register_family
 from models.llama import LlamaLM, LlamaModelConfig, export_hf
 from models.mixer import MaskedMixer, MixerConfig, SequenceLinear
+from tests.conftest import REPO, tiny_config
+from tests.toy_family import ToyLM
 
 VOCAB = 97
 LENGTH = 10
 N_BLOCKS = 3
 TOLERANCE = 1e-6  # positions before a changed token must not move by more than this
 SEED = 1234
+# The shape every spec is shrunk to (fields a family's config lacks are left out).
+TINY_SHAPE = dict(vocab_size=VOCAB, n_blocks=N_BLOCKS, context_length=LENGTH, d_model=16)
 
-# Every family and mixing the causality tests must cover.
+
+def yaml_specs() -> dict[str, tuple[str, dict]]:
+    """One tiny spec per distinct model of configs/*.yaml: a new family's YAML brings it under every test here."""
+    specs: dict[str, tuple[str, dict]] = {}
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        section = yaml.safe_load(path.read_text())["model"]["model"]
+        cls = model_class(section["class_path"])
+        fields = {field.name for field in dataclasses.fields(cls.config_class)}
+        config = dict(section["init_args"]["config"], **{k: v for k, v in TINY_SHAPE.items() if k in fields})
+        if (cls.family, config) not in specs.values():  # quickstart.yaml shrinks to mixer_flat.yaml's model
+            specs[path.stem] = (cls.family, config)
+    return specs
+
+
+# Every family and mixing the causality tests must cover: each YAML's model, plus the variants no YAML
+# trains (grouped-query attention, expansion 1 and 3).
 SPECS: dict[str, tuple[str, dict]] = {
-    "llama": ("llama", dict(d_model=32, n_heads=4, n_kv_heads=2)),
-    "flat": ("mixer", dict(d_model=16, mixing="flat")),
-    "expanded1": ("mixer", dict(d_model=16, mixing="expanded", expansion=1)),
-    "expanded3": ("mixer", dict(d_model=16, mixing="expanded", expansion=3)),
-    "parallel": ("mixer", dict(d_model=16, mixing="parallel", n_parallel=2)),
+    **yaml_specs(),
+    "llama_gqa": ("llama", dict(TINY_SHAPE, d_model=32, n_heads=4, n_kv_heads=2)),
+    "expanded1": ("mixer", dict(TINY_SHAPE, mixing="expanded", expansion=1)),
+    "expanded3": ("mixer", dict(TINY_SHAPE, mixing="expanded", expansion=3)),
 }
 MIXER_SPECS = [name for name, (family, _) in SPECS.items() if family == "mixer"]
 
@@ -36,7 +62,7 @@ def make(name: str, seed: int = SEED) -> nn.Module:
     """A tiny seeded model for one entry of SPECS."""
     family, config = SPECS[name]
     torch.manual_seed(seed)
-    return build_model(family, dict(config, vocab_size=VOCAB, n_blocks=N_BLOCKS, context_length=LENGTH)).eval()
+    return build_model(family, config).eval()
 
 
 def random_ids(batch: int = 2, length: int = LENGTH, seed: int = 0) -> Tensor:
@@ -135,7 +161,8 @@ def test_expanded_masks_follow_channel_positions() -> None:
 def test_probe_surface(name: str) -> None:
     model = make(name)
     assert isinstance(model, ProbeSurface)
-    assert model.family in MODEL_FAMILIES and model.n_blocks == N_BLOCKS == len(model.blocks)
+    assert MODEL_FAMILIES[model.family] is type(model) and model.n_blocks == N_BLOCKS == len(model.blocks)
+    assert model.probe_lr and all(lr > 0 for lr in model.probe_lr.values())
     assert model.context_length == LENGTH
     assert model.embedding_matrix.shape == (VOCAB, model.config.d_model)
     assert model.embedding_matrix is next(p for p in model.parameters() if p.shape == (VOCAB, model.config.d_model))
@@ -171,7 +198,7 @@ def test_bad_block_and_length_are_clear_errors(name: str) -> None:
 
 
 def test_llama_hidden_matches_hf_hidden_states() -> None:
-    model = make("llama")
+    model = make("llama_gqa")
     ids = random_ids()
     with torch.no_grad():
         reference = model.hf(input_ids=ids, output_hidden_states=True)
@@ -187,7 +214,7 @@ def test_llama_hidden_matches_hf_hidden_states() -> None:
 
 
 def test_llama_short_input_matches_hf_on_any_length() -> None:
-    model = make("llama")
+    model = make("llama_gqa")
     for t in (1, 4):
         ids = random_ids(length=t)
         with torch.no_grad():
@@ -216,13 +243,24 @@ def test_llama_export_round_trip(tmp_path: Path, tie: bool) -> None:
     torch.manual_seed(SEED)
     model = LlamaLM(LlamaModelConfig(vocab_size=VOCAB, d_model=32, n_blocks=2, n_heads=4, context_length=16,
                                      tie_embeddings=tie)).eval()
-    out_dir = export_hf(model, tiny_tokenizer(), tmp_path / "hf")
+    ours_tokenizer = tiny_tokenizer()
+    unlimited = ours_tokenizer.model_max_length
+    out_dir = export_hf(model, ours_tokenizer, tmp_path / "hf")
     assert (out_dir / "model.safetensors").exists()
+    assert ours_tokenizer.model_max_length == unlimited  # the caller's tokenizer is left as it was
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id == 0
     assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id == 1
+    # config.json carries the tokenizer's ids too (HF reads them from there, not only for generation) ...
+    saved_config = json.loads((out_dir / "config.json").read_text())
+    assert saved_config["eos_token_id"] == 0 and saved_config["pad_token_id"] == 1
+    assert loaded.config.eos_token_id == 0 and loaded.config.pad_token_id == 1
+    # ... and the tokenizer truncates where the model's context ends.
+    assert tokenizer.model_max_length == model.context_length == 16
+    long_ids = tokenizer(" ".join(["cat"] * 40), truncation=True).input_ids
+    assert len(long_ids) == 16
     ids = tokenizer("once upon a time there was a cat .", return_tensors="pt").input_ids
     assert ids.shape == (1, 9)
     with torch.no_grad():
@@ -281,3 +319,89 @@ def test_llama_default_mlp_width_is_swiglu_sized() -> None:
     assert LlamaModelConfig(d_model=256).mlp_width == 704  # 8/3 * 256 = 682.7, rounded up to 64
     assert LlamaModelConfig(d_model=256, intermediate_size=1024).to_hf().intermediate_size == 1024
     assert isinstance(MaskedMixer(MixerConfig(vocab_size=8, d_model=4, n_blocks=1, context_length=3)), ProbeSurface)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def register_toy(monkeypatch: pytest.MonkeyPatch) -> type[ToyLM]:
+    """Register ToyLM through the public registry into a copy of it that monkeypatch takes back."""
+    monkeypatch.setattr(models, "MODEL_FAMILIES", dict(models.MODEL_FAMILIES))
+    return register_family(ToyLM)
+
+
+@pytest.fixture()
+def toy_registered(monkeypatch: pytest.MonkeyPatch) -> type[ToyLM]:
+    """ToyLM is a registered family for one test only."""
+    return register_toy(monkeypatch)
+
+
+def test_every_family_has_a_yaml() -> None:
+    """So every registered family is under the causality and YAML-parsing tests."""
+    assert {family for family, _ in yaml_specs().values()} == set(MODEL_FAMILIES)
+
+
+def test_model_class_names_registered_families_only() -> None:
+    assert model_class("models.mixer.MaskedMixer") is MaskedMixer
+    assert model_class("models.llama.LlamaLM") is LlamaLM
+    with pytest.raises(ValueError, match=r"^cannot import model class 'models.mixer.Transformer'$"):
+        model_class("models.mixer.Transformer")
+    with pytest.raises(ValueError, match=r"^cannot import model class 'MaskedMixer'$"):
+        model_class("MaskedMixer")
+    with pytest.raises(ValueError, match=r"^'tests.toy_family.ToyLM' is not a registered model family: registered "
+                                         r"are llama, mixer \(add one with models.register_family\)$"):
+        model_class("tests.toy_family.ToyLM")
+
+
+def test_register_family(toy_registered: type[ToyLM]) -> None:
+    assert model_class("tests.toy_family.ToyLM") is ToyLM
+    assert type(build_model("toy", {"d_model": 8, "n_blocks": 1})) is ToyLM
+    assert register_family(ToyLM) is ToyLM  # registering the same class again changes nothing
+    other = type("OtherToy", (ToyLM,), {})
+    with pytest.raises(ValueError, match="model family 'toy' is already registered to tests.toy_family.ToyLM"):
+        register_family(other)
+    with pytest.raises(TypeError, match="not a models.surface.SurfaceModel subclass"):
+        register_family(nn.Linear)
+
+
+def test_a_test_registration_leaves_no_trace() -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        register_toy(monkeypatch)
+        assert build_model("toy", {}).family == "toy"
+    assert "toy" not in models.MODEL_FAMILIES and models.MODEL_FAMILIES is MODEL_FAMILIES
+    with pytest.raises(ValueError, match="unknown model family 'toy'"):
+        build_model("toy", {})
+
+
+def test_a_family_outside_models_trains_and_probes_with_its_defaults(
+        toy_registered: type[ToyLM], tmp_path: Path, data_cache: Path) -> None:
+    """A file, one registry entry and a YAML: the real training CLI, then the probe with no lr given."""
+    run = tmp_path / "run"
+    config = tiny_config(tmp_path / "toy.yaml", "flat", run, data_cache, steps=1, every=1)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["model"] = {"class_path": "tests.toy_family.ToyLM",
+                             "init_args": {"config": {"vocab_size": 4096, "d_model": 64, "n_blocks": 2,
+                                                      "context_length": 32}}}
+    config.write_text(yaml.safe_dump(cfg))
+    train_main(["fit", "--config", str(config)])
+    step0 = run / "checkpoints" / "step=000000.ckpt"
+    loaded = load_checkpoint(step0)
+    assert type(loaded.model) is ToyLM and loaded.step == 0
+    default_lr = ToyLM.probe_lr[("embedding", "adam")]
+
+    texts = ["Once upon a time, there was a little dog.", "Lily liked to play in the park with her ball."]
+    prompts = torch.tensor([loaded.tokenizer.encode(text)[:8] for text in texts])
+    result = probe(loaded.model, prompts, blocks=[1, 2], masks=[0], pad_token_id=loaded.tokenizer.pad_token_id,
+                   settings=ProbeSettings(steps=150))
+    assert result.settings.lr == default_lr
+    assert result.exact[result.block == 1].all()  # an untrained d=64 model inverts exactly at block 1
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "probe"
+    assert probe_main(["--checkpoint", str(step0), "--prompts", str(prompt_file), "--mask", "0", "--steps", "150",
+                       "--out", str(out), "--no-wandb"]) == 0
+    rows = read_results(out)
+    assert len(rows) == 2 * len(texts)  # blocks x prompts
+    assert {(r["family"], r["lr"], r["step"]) for r in rows} == {("toy", default_lr, 0)}
+    assert all(r["self_acc"] == 1.0 for r in rows if r["block"] == 1)

@@ -19,6 +19,7 @@ from lmrep.checkpoints import list_checkpoints, load_checkpoint, read_checkpoint
 from lmrep.cli import TrainCLI, main
 from lmrep.export import export_checkpoint
 from lmrep.module import LanguageModelModule, next_token_loss
+from models import build_model
 from tests.conftest import FAMILY_CONFIGS, REPO, tiny_config
 from tests.wandb_records import read_offline_history
 
@@ -63,6 +64,30 @@ def test_next_token_loss_ignores_padding() -> None:
     loss, n = next_token_loss(logits, labels)
     assert n == 1  # only position 0 predicts a real token (2)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[0, :1], labels[0, 1:2]))
+
+
+@pytest.mark.parametrize(("family", "config"), [
+    ("mixer", {"mixing": "expanded", "expansion": 2}),
+    ("llama", {"n_heads": 2}),
+    ("llama", {"n_heads": 2, "tie_embeddings": True}),  # the LM head IS the embedding
+], ids=["mixer", "llama", "llama-tied"])
+def test_weight_decay_on_matrices_only(family: str, config: dict, tmp_path: Path) -> None:
+    model = build_model(family, dict(config, vocab_size=64, d_model=16, n_blocks=2, context_length=8))
+    module = LanguageModelModule(model, weight_decay=0.1)
+    module.trainer = L.Trainer(max_epochs=-1, max_steps=10, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    decay_group, no_decay_group = module.configure_optimizers()["optimizer"].param_groups
+    assert (decay_group["weight_decay"], no_decay_group["weight_decay"]) == (0.1, 0.0)
+    decayed = {id(p) for p in decay_group["params"]}
+    not_decayed = {id(p) for p in no_decay_group["params"]}
+    names = dict(model.named_parameters())  # a tied head is listed once, as the embedding
+    assert decayed.isdisjoint(not_decayed) and decayed | not_decayed == {id(p) for p in names.values()}
+    assert id(model.embedding_matrix) in not_decayed
+    for name, p in names.items():
+        kept = name.endswith("bias") or "norm" in name or p is model.embedding_matrix
+        assert (id(p) in not_decayed) == kept, name
+    head = model.hf.lm_head.weight if family == "llama" else model.lm_head.weight
+    assert (id(head) in decayed) == (not config.get("tie_embeddings", False))
 
 
 def test_step0_checkpoint_resume_and_wandb(tmp_path: Path, data_cache: Path) -> None:
@@ -152,6 +177,9 @@ def test_llama_export_loads_in_transformers(tmp_path: Path, data_cache: Path) ->
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tokenizer.encode("Once upon a time there was a cat")])
     ours = load_checkpoint(ckpt).model
+    assert (hf_model.config.eos_token_id, hf_model.config.pad_token_id) == (tokenizer.eos_token_id,
+                                                                            tokenizer.pad_token_id)
+    assert tokenizer.pad_token_id is not None and tokenizer.model_max_length == ours.context_length == 32
     with torch.no_grad():
         torch.testing.assert_close(hf_model(ids).logits, ours(ids))
     generated = hf_model.generate(ids, max_new_tokens=5, do_sample=False)
