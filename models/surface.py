@@ -71,6 +71,7 @@ class SurfaceModel(nn.Module, abc.ABC):
     """Measured default probe lr per (method, optimizer); a missing key means "set lr or calibrate"."""
     config: Any
     blocks: nn.ModuleList
+    embedding: nn.Embedding  # the input embedding, where a family keeps it (llama overrides embed instead)
 
     @property
     def n_blocks(self) -> int:
@@ -83,21 +84,32 @@ class SurfaceModel(nn.Module, abc.ABC):
         return self.config.context_length
 
     @property
-    @abc.abstractmethod
     def embedding_matrix(self) -> Tensor:
-        """The input embedding matrix W_E, shape (vocab, d)."""
+        """The input embedding matrix W_E, shape (vocab, d): `self.embedding`'s, unless a family overrides it."""
+        return self.embedding.weight
 
-    @abc.abstractmethod
     def embed(self, ids: Tensor) -> Tensor:
-        """Token ids (b, t) -> input embeddings (b, t, d)."""
+        """Token ids (b, t) -> input embeddings (b, t, d), through `self.embedding` unless overridden."""
+        return self.embedding(ids)
 
-    @abc.abstractmethod
     def run_blocks(self, h: Tensor, start: int, stop: int) -> Tensor:
-        """Apply blocks start..stop-1 to the hidden state after `start` blocks (b, t, d)."""
+        """Apply blocks start..stop-1 to the hidden state after `start` blocks (b, t, d).
+
+        Blocks that take the hidden state alone run as they are; a family whose blocks
+        need more (llama: positions, RoPE, the causal mask) overrides this.
+        """
+        check_run(start, stop, h.shape[1], self.n_blocks, self.context_length)
+        for block in self.blocks[start:stop]:
+            h = block(h)  # (b, t, d)
+        return h
 
     def hidden(self, e: Tensor, upto: int) -> Tensor:
         """Hidden state after `upto` blocks for input embeddings e (b, t, d); upto=0 returns e itself."""
         return self.run_blocks(e, 0, upto)
+
+    @abc.abstractmethod
+    def forward(self, ids: Tensor) -> Tensor:
+        """Token ids (b, t) -> next-token logits (b, t, vocab)."""
 
 
 def check_block_range(upto: int, n_blocks: int) -> None:

@@ -60,18 +60,6 @@ class ToyModel(SurfaceModel):
         self.embedding = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(blocks)
 
-    @property
-    def embedding_matrix(self) -> Tensor:
-        return self.embedding.weight
-
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.embedding(ids)
-
-    def run_blocks(self, h: Tensor, start: int, stop: int) -> Tensor:
-        for block in self.blocks[start:stop]:
-            h = block(h)
-        return h
-
     def forward(self, ids: Tensor) -> Tensor:
         return self.hidden(self.embed(ids), self.n_blocks) @ self.embedding.weight.T
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.surface import SurfaceModel, check_run
+from models.surface import SurfaceModel
 
 
 @dataclass
@@ -59,22 +59,6 @@ class ToyLM(SurfaceModel):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(PrefixMeanBlock(config.d_model) for _ in range(config.n_blocks))
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-
-    @property
-    def embedding_matrix(self) -> Tensor:
-        """The input embedding matrix W_E, (vocab, d)."""
-        return self.embedding.weight
-
-    def embed(self, ids: Tensor) -> Tensor:
-        """Token ids (b, t) -> input embeddings (b, t, d)."""
-        return self.embedding(ids)
-
-    def run_blocks(self, h: Tensor, start: int, stop: int) -> Tensor:
-        """Apply blocks start..stop-1 to the hidden state after `start` blocks (b, t, d)."""
-        check_run(start, stop, h.shape[1], self.n_blocks, self.context_length)
-        for block in self.blocks[start:stop]:
-            h = block(h)  # (b, t, d)
-        return h
 
     def forward(self, ids: Tensor) -> Tensor:
         """Token ids (b, t) -> next-token logits (b, t, vocab)."""
