@@ -208,6 +208,8 @@ class ProbeCallback(L.Callback):
             title=f"{pl_module.model.family} run {trainer.default_root_dir}", losses=self.losses,
             sink=TrainerLoggers(trainer.loggers), log_steps=[step] if new else [], final=final,
             progress=trainer.progress_bar_callback is not None, desc=f"probing step {step}", leave=False)
+        if not new:
+            return
         best = [s for s in outcome.summary if s["step"] == step and s["mask"] == max(self.plan.masks)]
         line = ", ".join(f"b{s['block']} {s['context']} {s['nonself_acc'] or 0:.2f}" for s in best)
         message = f"[step {step}] probe non-self recovery (m={max(self.plan.masks)}): {line}"
