@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/<name>.py` from a fresh clone
     sys.path.insert(0, str(REPO))
 
+from data.files import write_text_atomic  # noqa: E402
 from lmrep.module import next_token_loss, warmup_cosine, weight_decay_groups  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -61,11 +62,8 @@ TRAIN_LR = {"mixer": 3e-3, "llama": 2e-3}  # the peak lrs of configs/quickstart.
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write `payload` (plus machine info) as JSON, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine_info(), **payload}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, default=float))
     return path
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerFast
 
+from data.files import atomic_directory
 from data.tokenizer import (
     EOS_TOKEN,
     VOCAB_SIZE,
@@ -395,14 +395,8 @@ class TinyStoriesDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"no {split} rows: {len(stories)} stories are too few for packed windows of {self.context_length} tokens"
                 )
-            # Write beside the target, then rename: a killed run never leaves a half-written cache.
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            rows.save_to_disk(str(tmp))
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process finished first; its copy is identical
-                shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_directory(path) as tmp:  # a killed run never leaves a half-written cache
+                rows.save_to_disk(str(tmp))
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cached tokenized splits (written by prepare_data) as torch tensors."""

@@ -11,10 +11,8 @@ carries a checkpoint's name.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
+from data.files import atomic_write
 from lmrep.module import CHECKPOINT_KEY
 from models import build_model
 
@@ -186,18 +185,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """`torch.save` to `path` so that `path` is either absent/old or the whole new file, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared like any output file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:  # beside the target, fsynced, renamed; the umask's permissions
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | Path, *, tokenizer_hash: str | None = None) -> LoadedCheckpoint:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
+from data.files import staged_files
 from models.surface import SurfaceModel, check_length, check_run
 
 if TYPE_CHECKING:
@@ -178,15 +179,15 @@ def export_hf(model: LlamaLM, tokenizer: PreTrainedTokenizerFast | None, out_dir
     so HF tools truncate where the model ends instead of at the library's "unlimited" default.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        eos_id = tokenizer.eos_token_id
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-        for config in (model.hf.config, model.hf.generation_config):
-            config.eos_token_id = eos_id
-            config.pad_token_id = pad_id
-        saved = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own limit
-        saved.model_max_length = model.context_length
-        saved.save_pretrained(out_dir)
-    model.hf.save_pretrained(out_dir, safe_serialization=True)
+    with staged_files(out_dir) as staging:  # HF writes its files 0600: staged, then written with the umask's mode
+        if tokenizer is not None:
+            eos_id = tokenizer.eos_token_id
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+            for config in (model.hf.config, model.hf.generation_config):
+                config.eos_token_id = eos_id
+                config.pad_token_id = pad_id
+            saved = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own limit
+            saved.model_max_length = model.context_length
+            saved.save_pretrained(staging)
+        model.hf.save_pretrained(staging, safe_serialization=True)
     return out_dir
