@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,8 +32,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerFast
 
 from data.files import atomic_directory
+from data.stories import DATA_DIR_ENV, SPLITS, default_data_dir, read_local_stories, split_files
 from data.tokenizer import (
-    EOS_TOKEN,
     VOCAB_SIZE,
     get_or_train_tokenizer,
     load_tokenizer,
@@ -43,48 +41,11 @@ from data.tokenizer import (
 )
 
 HUB_DATASET = "roneneldan/TinyStories"
-DATA_DIR_ENV = "LMREP_DATA_DIR"
 SOURCES = ("local", "hub")
-SPLITS = ("train", "validation")
 IGNORE_INDEX = -100  # labels at this value are skipped by torch's cross-entropy
 # Bump when the tokenized layout changes, so old caches are not read as new ones.
 CACHE_FORMAT = 1
-_STORY_SEPARATOR = re.compile(r"^" + re.escape(EOS_TOKEN) + r"$", flags=re.MULTILINE)
 _MAP_BATCH = 1000  # stories per datasets.map batch
-
-
-def default_data_dir() -> Path:
-    """The local TinyStories folder: $LMREP_DATA_DIR, else ../shared/data/tinystories beside the checkout."""
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
-
-
-def _split_files(data_dir: Path, split: str) -> list[Path]:
-    """The text files that hold one split of a local folder (may be empty)."""
-    if split == "train":
-        return sorted((data_dir / "train").glob("*.txt"))
-    if split == "validation":
-        valid = data_dir / "valid.txt"
-        return [valid] if valid.is_file() else []
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-
-
-def read_local_stories(data_dir: Path, split: Literal["train", "validation"]) -> list[str]:
-    """The stories of one split of a local folder, stripped, in file order."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise ValueError(f"TinyStories folder {data_dir} does not exist")
-    stories: list[str] = []
-    for path in _split_files(data_dir, split):
-        text = path.read_text(encoding="utf-8")
-        stories.extend(s.strip() for s in _STORY_SEPARATOR.split(text))
-    stories = [s for s in stories if s]
-    if not stories:
-        where = data_dir / "train" if split == "train" else data_dir / "valid.txt"
-        raise ValueError(f"no {split} stories in {where} (expected stories separated by {EOS_TOKEN} lines)")
-    return stories
 
 
 def load_stories(
@@ -111,7 +72,7 @@ def data_fingerprint(source: str, data_dir: Path | None) -> str:
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
     digest = hashlib.sha256()
     for split in SPLITS:
-        for path in _split_files(folder, split):
+        for path in split_files(folder, split):
             digest.update(f"{split}/{path.name}\0".encode())
             digest.update(path.read_bytes())  # a few MB: hashing is cheaper than trusting mtimes
     return digest.hexdigest()[:16]

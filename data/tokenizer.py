@@ -20,9 +20,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from data.files import write_text_atomic
+from data.stories import EOS_TOKEN, default_data_dir, read_local_stories
 
 VOCAB_SIZE = 4096
-EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN]  # ids 0 and 1, in this order
 TOKENIZER_FILE = "tokenizer.json"
@@ -112,8 +112,6 @@ def get_or_train_tokenizer(
 
 def main(argv: list[str] | None = None) -> None:
     """Train the tokenizer on a local TinyStories folder's training split and save it."""
-    from data.tinystories import default_data_dir, read_local_stories
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--data-dir", type=Path, default=None, help="local TinyStories folder")
     parser.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")

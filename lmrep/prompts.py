@@ -56,7 +56,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 def validation_prompts(n: int, data_dir: str | Path | None = None) -> list[str]:
     """The first n TinyStories validation stories (the default prompt set)."""
-    from data.tinystories import default_data_dir, read_local_stories
+    from data.stories import default_data_dir, read_local_stories
 
     stories = read_local_stories(Path(data_dir) if data_dir else default_data_dir(), "validation")
     return stories[:n]

@@ -9,15 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.tinystories import (
-    DATA_DIR_ENV,
-    IGNORE_INDEX,
-    TinyStoriesDataModule,
-    default_data_dir,
-    load_stories,
-    read_local_stories,
-)
-from data.tokenizer import EOS_TOKEN, VOCAB_SIZE, tokenizer_hash
+from data.stories import DATA_DIR_ENV, EOS_TOKEN, default_data_dir, read_local_stories
+from data.tinystories import IGNORE_INDEX, TinyStoriesDataModule, load_stories
+from data.tokenizer import VOCAB_SIZE, tokenizer_hash
 
 L = 160  # near the median story length (~190 tokens): truncated and padded rows are both common
 N_TRAIN, N_VAL = 300, 40

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from data.tinystories import default_data_dir, read_local_stories
+from data.stories import default_data_dir, read_local_stories
 from data.tokenizer import get_or_train_tokenizer
 from lmrep.probe import (
     GradientSolver,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from data.tinystories import default_data_dir, read_local_stories
+from data.stories import default_data_dir, read_local_stories
 from data.tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
