@@ -157,7 +157,7 @@ def data_module(cache_dir: str | Path = DEFAULT_CACHE, context_length: int = 128
     """The TinyStories data module (local shards), prepared and set up."""
     from data.tinystories import TinyStoriesDataModule  # here: a GPU box measuring untrained models needs no `datasets`
 
-    dm = TinyStoriesDataModule(source="local", cache_dir=str(cache_dir), context_length=context_length,
+    dm = TinyStoriesDataModule(source="auto", cache_dir=str(cache_dir), context_length=context_length,
                                batch_size=batch_size, packing=True, max_train_stories=max_train_stories,
                                max_val_stories=64 if max_train_stories else None)
     dm.prepare_data()

@@ -1,9 +1,8 @@
 """TinyStories as a LightningDataModule: hub or local shards -> tokenized, cached Arrow.
 
-Two sources behind one interface, both through `datasets`:
-- `hub`: `roneneldan/TinyStories` from the Hugging Face hub (needs a network);
-- `local`: a folder with `train/*.txt` and `valid.txt`, stories separated by a
-  line that holds exactly `<|endoftext|>` (the hub's story text, as shards).
+The stories come from `data.stories`: `source: auto` (the default) takes the
+local folder when one is found, else streams the first few thousand stories of
+`roneneldan/TinyStories` from the hub; `local` and `hub` force one of them.
 
 `prepare_data` trains (once) or loads the 4096-token tokenizer and writes each
 split, tokenized to rows of a fixed context length L, as an Arrow dataset under
@@ -21,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import datasets
 import lightning as L
@@ -32,7 +31,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerFast
 
 from data.files import atomic_directory
-from data.stories import DATA_DIR_ENV, SPLITS, default_data_dir, read_local_stories, split_files
+from data.stories import (
+    DEFAULT_CACHE_DIR,
+    HUB_DATASET,
+    HUB_STORIES,
+    SPLITS,
+    Split,
+    announce,
+    describe_source,
+    first_stories,
+    resolve_source,
+    split_files,
+)
 from data.tokenizer import (
     VOCAB_SIZE,
     get_or_train_tokenizer,
@@ -40,24 +50,19 @@ from data.tokenizer import (
     tokenizer_hash,
 )
 
-HUB_DATASET = "roneneldan/TinyStories"
-SOURCES = ("local", "hub")
+# The hub tokenizer is trained on this many first training stories whatever a run takes, so that runs
+# over more or fewer hub stories share one tokenizer (and their checkpoints stay comparable).
+HUB_TOKENIZER_STORIES = HUB_STORIES["train"]
 IGNORE_INDEX = -100  # labels at this value are skipped by torch's cross-entropy
 # Bump when the tokenized layout changes, so old caches are not read as new ones.
 CACHE_FORMAT = 1
 _MAP_BATCH = 1000  # stories per datasets.map batch
 
 
-def load_stories(
-    source: Literal["local", "hub"], data_dir: Path | None, split: Literal["train", "validation"]
-) -> datasets.Dataset:
-    """One split of TinyStories as a `datasets.Dataset` with a `text` column."""
-    if source == "local":
-        folder = Path(data_dir) if data_dir is not None else default_data_dir()
-        return datasets.Dataset.from_dict({"text": read_local_stories(folder, split)})
-    if source == "hub":
-        return datasets.load_dataset(HUB_DATASET, split=split)
-    raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
+def load_stories(source: str, data_dir: str | Path | None, split: Split, n: int | None = None, *,
+                 cache_dir: str | Path = DEFAULT_CACHE_DIR) -> datasets.Dataset:
+    """The first n stories of one split (None: see `data.stories.first_stories`) as a Dataset with a `text` column."""
+    return datasets.Dataset.from_dict({"text": first_stories(source, data_dir, split, n, cache_dir=cache_dir)})
 
 
 def _sha(obj: Any) -> str:
@@ -66,10 +71,12 @@ def _sha(obj: Any) -> str:
 
 
 def data_fingerprint(source: str, data_dir: Path | None) -> str:
-    """A key for the stories themselves: the hub name, or a hash of the local files' contents."""
+    """A key for the stories themselves: the hub name and tokenizer take, or a hash of the local files' contents."""
     if source == "hub":
-        return _sha({"hub": HUB_DATASET})
-    folder = Path(data_dir) if data_dir is not None else default_data_dir()
+        return _sha({"hub": HUB_DATASET, "tokenizer_stories": HUB_TOKENIZER_STORIES})
+    if data_dir is None:
+        raise ValueError("a local data fingerprint needs the folder")
+    folder = Path(data_dir)
     digest = hashlib.sha256()
     for split in SPLITS:
         for path in split_files(folder, split):
@@ -175,7 +182,8 @@ class TinyStoriesDataModule(L.LightningDataModule):
     """TinyStories tokenized to fixed-length rows, from the hub or a local folder.
 
     Args:
-        source: "local" (a folder of text shards) or "hub" (roneneldan/TinyStories).
+        source: "auto" (the local folder when one is found, else the hub), "local" (a folder of
+            text shards) or "hub" (roneneldan/TinyStories, streamed).
         data_dir: the local folder; None means $LMREP_DATA_DIR or ../shared/data/tinystories.
         cache_dir: where the tokenizer and the tokenized datasets are cached.
         tokenizer_path: use this tokenizer.json instead of training one.
@@ -183,8 +191,10 @@ class TinyStoriesDataModule(L.LightningDataModule):
         batch_size: rows per batch.
         packing: False: one story per row, truncated or right-padded with PAD;
             True: stories joined with EOS and cut into full windows of L tokens.
-        max_train_stories: use only the first this many training stories (None: all).
-        max_val_stories: use only the first this many validation stories (None: all).
+        max_train_stories: use only the first this many training stories (None: all of a local
+            folder; from the hub, the first 8,000 of its 2.1M, about the local copy's size).
+        max_val_stories: use only the first this many validation stories (None: all of a local
+            folder; from the hub, the first 1,000).
         num_workers: DataLoader worker processes.
         seed: seed of the training shuffle.
     """
@@ -192,9 +202,9 @@ class TinyStoriesDataModule(L.LightningDataModule):
     def __init__(
         self,
         *,
-        source: str = "local",
+        source: str = "auto",
         data_dir: str | None = None,
-        cache_dir: str = ".cache/lmrep",
+        cache_dir: str = DEFAULT_CACHE_DIR,
         tokenizer_path: str | None = None,
         context_length: int | None = None,
         batch_size: int = 16,
@@ -205,8 +215,6 @@ class TinyStoriesDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
         if context_length is not None and context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
         if batch_size < 1:
@@ -215,16 +223,16 @@ class TinyStoriesDataModule(L.LightningDataModule):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         self.save_hyperparameters()
-        self.source = source
-        self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-        if source == "local" and not self.data_dir.is_dir():
-            raise ValueError(f"TinyStories folder {self.data_dir} does not exist (set data_dir or ${DATA_DIR_ENV})")
+        self.source, self.data_dir = resolve_source(source, data_dir)  # "local" and its folder, or "hub" and None
         self.cache_dir = Path(cache_dir)
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else None
         self.context_length = context_length
         self.batch_size = batch_size
         self.packing = packing
         self.max_stories = {"train": max_train_stories, "validation": max_val_stories}
+        if self.source == "hub":  # never the whole hub data set unless asked for by number
+            self.max_stories = {split: n or HUB_STORIES[split] for split, n in self.max_stories.items()}
+        announce(describe_source(source, self.source, self.data_dir, self.max_stories))
         self.num_workers = num_workers
         self.seed = seed
         self._tokenizer: PreTrainedTokenizerFast | None = None
@@ -249,9 +257,9 @@ class TinyStoriesDataModule(L.LightningDataModule):
         else:
             key = _sha({"data": self.data_fingerprint, "vocab": VOCAB_SIZE, "format": CACHE_FORMAT})
 
-            def train_texts() -> Any:
-                stories = load_stories(self.source, self.data_dir, "train")  # type: ignore[arg-type]
-                return (batch["text"] for batch in stories.iter(batch_size=_MAP_BATCH))
+            def train_texts() -> list[str]:  # every local training story; the hub's first HUB_TOKENIZER_STORIES
+                n = HUB_TOKENIZER_STORIES if self.source == "hub" else None
+                return first_stories(self.source, self.data_dir, "train", n, cache_dir=self.cache_dir)
 
             tok, path = get_or_train_tokenizer(train_texts, self.cache_dir, key)
         self._tokenizer, self._tokenizer_file, self._tokenizer_hash = tok, path, tokenizer_hash(tok)
@@ -347,10 +355,8 @@ class TinyStoriesDataModule(L.LightningDataModule):
             path = self.split_cache_path(split)
             if path.is_dir():
                 continue
-            stories = load_stories(self.source, self.data_dir, split)  # type: ignore[arg-type]
-            limit = self.max_stories[split]
-            if limit is not None and limit < len(stories):
-                stories = stories.select(range(limit))
+            stories = load_stories(self.source, self.data_dir, split, self.max_stories[split],  # type: ignore[arg-type]
+                                   cache_dir=self.cache_dir)
             rows = self._tokenize(stories, split)
             if len(rows) == 0:
                 raise ValueError(
@@ -399,7 +405,4 @@ class TinyStoriesDataModule(L.LightningDataModule):
         """The first n validation stories as raw text (default prompts for the probe)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if self.source == "local":
-            return read_local_stories(self.data_dir, "validation")[:n]
-        stories = load_stories(self.source, self.data_dir, "validation")  # type: ignore[arg-type]
-        return stories.select(range(min(n, len(stories))))["text"]
+        return first_stories(self.source, self.data_dir, "validation", n, cache_dir=self.cache_dir)

@@ -43,7 +43,8 @@ from lmrep.runs import RESULTS_FILE, ModelSource, check_output_dir, checkpoint_s
 from lmrep.sharding import Shard
 from models import build_model, model_class, model_spec
 
-FLAG_ALIASES = {"--loss": "--loss_fn"}  # earlier names of settings fields
+# Earlier names of settings fields, and train.py's spelling of the data options.
+FLAG_ALIASES = {"--loss": "--loss_fn", "--data.source": "--data_source", "--data.data_dir": "--data_dir"}
 DEFAULT_STORY_TOKENS = 16  # validation stories are cut to this many tokens unless --tokens says otherwise
 # Settings fields the request sets: the contexts are a list here, allowed tokens come from a file,
 # and the seed is the request's.
@@ -81,8 +82,13 @@ class ProbeRequest:
     """Restrict decoding to the tokens of the words in this text file."""
     tokenizer: str | None = None
     """tokenizer.json; with --checkpoint it must be the one the checkpoint was trained with."""
+    data_source: str | None = None
+    """Where the default prompts (validation stories) and an --init model's tokenizer come from (also
+    --data.source): auto (the local folder when one is found, else the hub), local or hub; default: the
+    --init config's data.source, else auto."""
     data_dir: str | None = None
-    """Local TinyStories folder for the default prompts (default: $LMREP_DATA_DIR or ../shared copy)."""
+    """Local TinyStories folder (also --data.data_dir; default: the --init config's, else $LMREP_DATA_DIR,
+    else ../shared/data/tinystories beside the checkout)."""
     accelerator: str = "cpu"
     """cpu, gpu/cuda, or auto (Lightning's names)."""
     devices: int = 1
@@ -220,11 +226,18 @@ def load_tokenizer_for(request: ProbeRequest, data_cfg: dict[str, Any]) -> tuple
         return loaded.tokenizer, loaded.tokenizer_hash
     from data.tinystories import TinyStoriesDataModule
 
-    keep = {k: v for k, v in data_cfg.items() if k in ("source", "data_dir", "cache_dir", "tokenizer_path")}
-    if request.data_dir is not None:
-        keep["data_dir"] = request.data_dir
-    dm = TinyStoriesDataModule(**keep)
+    dm = TinyStoriesDataModule(**data_options(request, data_cfg), tokenizer_path=data_cfg.get("tokenizer_path"))
     return dm.tokenizer, dm.tokenizer_hash
+
+
+def data_options(request: ProbeRequest, data_cfg: dict[str, Any]) -> dict[str, Any]:
+    """source, data_dir and cache_dir of the stories: the flags, else the --init config's data section."""
+    options = {k: data_cfg[k] for k in ("source", "data_dir", "cache_dir") if data_cfg.get(k) is not None}
+    if request.data_source is not None:
+        options["source"] = request.data_source
+    if request.data_dir is not None:
+        options["data_dir"] = request.data_dir
+    return options
 
 
 def launch(request: ProbeRequest, argv: list[str] | None) -> Any:
@@ -314,7 +327,7 @@ def run(command: ParsedCommand, fabric: Any = None) -> None:
     if request.prompts:
         texts, max_tokens = read_prompt_file(request.prompts), request.tokens
     else:
-        texts = validation_prompts(request.num_prompts, request.data_dir)
+        texts = validation_prompts(request.num_prompts, **data_options(request, command.data_config))
         max_tokens = DEFAULT_STORY_TOKENS if request.tokens is None else request.tokens
     prompts: PromptSet = encode_prompts(texts, tokenizer, max_tokens=max_tokens)
     allowed = None

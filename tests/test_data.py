@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -12,44 +11,15 @@ import torch
 from data.stories import DATA_DIR_ENV, EOS_TOKEN, default_data_dir, read_local_stories
 from data.tinystories import IGNORE_INDEX, TinyStoriesDataModule, load_stories
 from data.tokenizer import VOCAB_SIZE, tokenizer_hash
+from tests.corpus import local_stories_dir, write_synthetic_corpus
 
 L = 160  # near the median story length (~190 tokens): truncated and padded rows are both common
 N_TRAIN, N_VAL = 300, 40
 
 
-def write_synthetic_corpus(folder: Path, n_train: int = 400, n_val: int = 40, seed: int = 0) -> list[str]:
-    """Write a made-up corpus in the TinyStories shard format; returns the validation stories.
-
-    Words are random syllable strings, so the corpus has enough distinct, repeated
-    words for a 4096-token BPE to fill its vocabulary.
-    """
-    rng = random.Random(seed)
-    syllables = [a + b for a in "bdfgklmnprstvz" for b in "aeiou"]
-    words = sorted({"".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(3000)})
-
-    def story() -> str:
-        paragraphs = []
-        for _ in range(rng.randint(1, 3)):
-            sentences = [" ".join(rng.choices(words, k=rng.randint(3, 12))).capitalize() + "." for _ in range(4)]
-            paragraphs.append(" ".join(sentences))
-        return "\n\n".join(paragraphs)
-
-    train = [story() for _ in range(n_train)]
-    valid = [story() for _ in range(n_val)]
-    (folder / "train").mkdir(parents=True)
-    half = n_train // 2
-    for name, chunk in (("shard-0.txt", train[:half]), ("shard-1.txt", train[half:])):
-        (folder / "train" / name).write_text("".join(f"{s}\n{EOS_TOKEN}\n" for s in chunk), encoding="utf-8")
-    (folder / "valid.txt").write_text("".join(f"{s}\n{EOS_TOKEN}\n" for s in valid), encoding="utf-8")
-    return valid
-
-
 @pytest.fixture(scope="module")
 def real_dir() -> Path:
-    folder = default_data_dir()
-    if not (folder / "valid.txt").is_file():
-        pytest.skip(f"real TinyStories not found at {folder} (set ${DATA_DIR_ENV})")
-    return folder
+    return local_stories_dir()
 
 
 @pytest.fixture(scope="module")
@@ -73,20 +43,22 @@ def rows(dm: TinyStoriesDataModule, split: str) -> torch.Tensor:
     return loader.dataset[:]["input_ids"]
 
 
-@pytest.fixture(scope="module")
-def padded(real_dir: Path, cache_dir: Path) -> TinyStoriesDataModule:
-    dm = make_dm(real_dir, cache_dir, packing=False)
+def prepared(real_dir: Path, cache_dir: Path, **kwargs: object) -> TinyStoriesDataModule:
+    """make_dm, with its data prepared and set up."""
+    dm = make_dm(real_dir, cache_dir, **kwargs)
     dm.prepare_data()
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture(scope="module")
+def padded(real_dir: Path, cache_dir: Path) -> TinyStoriesDataModule:
+    return prepared(real_dir, cache_dir, packing=False)
 
 
 @pytest.fixture(scope="module")
 def packed(real_dir: Path, cache_dir: Path) -> TinyStoriesDataModule:
-    dm = make_dm(real_dir, cache_dir, packing=True)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
+    return prepared(real_dir, cache_dir, packing=True)
 
 
 # ---- reading local shards ---------------------------------------------------------
@@ -231,10 +203,7 @@ def test_packed_rows_have_no_padding_and_join_stories_with_eos(packed: TinyStori
 
 def test_training_shuffle_is_seeded(real_dir: Path, cache_dir: Path, padded: TinyStoriesDataModule) -> None:
     def first_batch(seed: int) -> torch.Tensor:
-        dm = make_dm(real_dir, cache_dir, seed=seed)
-        dm.prepare_data()
-        dm.setup("fit")
-        return next(iter(dm.train_dataloader()))["input_ids"]
+        return next(iter(prepared(real_dir, cache_dir, seed=seed).train_dataloader()))["input_ids"]
 
     assert torch.equal(first_batch(0), first_batch(0))
     assert not torch.equal(first_batch(0), first_batch(1))
@@ -242,9 +211,7 @@ def test_training_shuffle_is_seeded(real_dir: Path, cache_dir: Path, padded: Tin
 
 
 def test_worker_processes_give_the_same_batches(real_dir: Path, cache_dir: Path, padded: TinyStoriesDataModule) -> None:
-    dm = make_dm(real_dir, cache_dir, num_workers=1)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = prepared(real_dir, cache_dir, num_workers=1)
     assert all(
         torch.equal(a["labels"], b["labels"]) for a, b in zip(dm.val_dataloader(), padded.val_dataloader())
     )
@@ -291,9 +258,7 @@ def test_tokenized_data_is_cached(real_dir: Path, cache_dir: Path, padded: TinyS
 
 
 def test_given_tokenizer_file_is_used(real_dir: Path, tmp_path: Path, padded: TinyStoriesDataModule) -> None:
-    dm = make_dm(real_dir, tmp_path, tokenizer_path=str(padded.tokenizer_file))
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = prepared(real_dir, tmp_path, tokenizer_path=str(padded.tokenizer_file))
     assert dm.tokenizer_hash == padded.tokenizer_hash
     assert not list(tmp_path.glob("tokenizer-*"))  # nothing trained
     assert torch.equal(rows(dm, "validation"), rows(padded, "validation"))

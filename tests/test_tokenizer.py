@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from data.stories import default_data_dir, read_local_stories
+from data.stories import read_local_stories
 from data.tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
@@ -19,16 +19,14 @@ from data.tokenizer import (
     tokenizer_hash,
     train_tokenizer,
 )
+from tests.corpus import local_stories_dir
 
 MOJIBAKE = "â€"  # the V1 sources' broken quotes, kept in the data on purpose
 
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    folder = default_data_dir()
-    if not (folder / "valid.txt").is_file():
-        pytest.skip(f"real TinyStories not found at {folder} (set $LMREP_DATA_DIR)")
-    return folder
+    return local_stories_dir()
 
 
 @pytest.fixture(scope="module")
