@@ -1,12 +1,14 @@
 """Checkpoints: a schedule of steps (0, log-spaced early, every N, last), the checkpoint contract, safe loading.
 
-A checkpoint is a Lightning checkpoint with lmrep's metadata under
-`checkpoint["lmrep"]`: the model family and config (enough to rebuild it), the
-tokenizer's hash and its JSON (so a checkpoint decodes on its own), and the step.
-Loading never executes pickled code (`torch.load(weights_only=True)`), also on
-Lightning's own resume path (`SafeCheckpointIO`), and a checkpoint is written to a
-temporary file in its own directory and renamed, so no half-written file ever
-carries a checkpoint's name.
+The contract lives here and only here. A checkpoint is a Lightning checkpoint
+with lmrep's metadata under `checkpoint[CHECKPOINT_KEY]` (`checkpoint_metadata`):
+the model family and config (enough to rebuild it), the tokenizer's hash and its
+JSON (so a checkpoint decodes on its own), and the step. A checkpoint is used
+only with the tokenizer and model it was written with (`check_tokenizer`,
+`check_resume`). Loading never executes pickled code
+(`torch.load(weights_only=True)`), also on Lightning's own resume path
+(`SafeCheckpointIO`), and a checkpoint is written to a temporary file in its own
+directory and renamed, so no half-written file ever carries a checkpoint's name.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from lmrep.module import CHECKPOINT_KEY
-from models import build_model
+from data.tokenizer import wrap_tokenizer
+from models import build_model, model_spec
 
+CHECKPOINT_KEY = "lmrep"  # where lmrep's own metadata lives inside a Lightning checkpoint
 STEP_FILENAME = "step={step:06d}"  # zero-padded so names sort in step order
 _STEP_PATTERN = re.compile(r"step=(\d+)")
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # in torch's weights_only refusal
@@ -39,6 +42,55 @@ _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # in torch's w
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not match what it is used with."""
+
+
+# ---- what a checkpoint carries, and what it may be used with ------------------------------------
+
+
+def checkpoint_metadata(model: nn.Module, *, step: int, tokenizer_hash: str | None,
+                        tokenizer_json: str | None) -> dict[str, Any]:
+    """lmrep's part of a checkpoint (stored under CHECKPOINT_KEY): model spec, tokenizer hash and JSON, step."""
+    return {"model": model_spec(model), "tokenizer_hash": tokenizer_hash, "tokenizer_json": tokenizer_json,
+            "step": int(step)}
+
+
+def check_tokenizer(path: str | Path, saved: str | None, ours: str | None, *, resuming: bool = False) -> None:
+    """Refuse to pair a checkpoint trained with tokenizer `saved` with tokenizer `ours` (None: unknown, allowed).
+
+    `resuming`: `ours` is the training data's tokenizer (train.py); otherwise a tokenizer given to load with.
+    """
+    if saved is None or ours is None or saved == ours:
+        return
+    if resuming:
+        raise CheckpointError(
+            f"{path} was trained with tokenizer {saved}, but the data's tokenizer is {ours}: "
+            "resume with the tokenizer it was trained with (data.tokenizer_path) or start a new run_dir"
+        )
+    raise CheckpointError(
+        f"{path} was trained with tokenizer {saved}, not the given tokenizer {ours}: "
+        "use the tokenizer stored in the checkpoint"
+    )
+
+
+def check_resume(path: str | Path, meta: dict[str, Any], *, tokenizer_hash: str | None, model: nn.Module) -> None:
+    """Refuse to resume training from a checkpoint of another tokenizer or another model."""
+    check_tokenizer(path, meta.get("tokenizer_hash"), tokenizer_hash, resuming=True)
+    spec = model_spec(model)
+    if meta.get("model") and meta["model"] != spec:
+        raise CheckpointError(f"{path} holds a {meta['model']} model, but the config builds {spec}")
+
+
+def metadata_step(meta: dict[str, Any], raw: dict[str, Any] | None = None) -> int:
+    """The optimiser step a checkpoint's weights are at (older files: Lightning's global_step)."""
+    return int(meta.get("step", (raw or {}).get("global_step", 0)))
+
+
+def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    """Rebuild the tokenizer stored inside a checkpoint (exactly as data.tokenizer loads one)."""
+    return wrap_tokenizer(text, name="the checkpoint's tokenizer")
+
+
+# ---- which steps are saved ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -184,6 +236,9 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, candidates)
 
 
+# ---- reading and writing -----------------------------------------------------------------------------
+
+
 @dataclass
 class LoadedCheckpoint:
     """A model rebuilt from a checkpoint, with what it was trained with."""
@@ -239,6 +294,11 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     return raw
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """lmrep's metadata of a checkpoint, validated (safe load, tensors mapped rather than read: cheap)."""
+    return read_checkpoint(path, mmap=True)[CHECKPOINT_KEY]
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O with weights-only loading and atomic local writes.
 
@@ -292,11 +352,7 @@ def load_checkpoint(path: str | Path, *, tokenizer_hash: str | None = None) -> L
     raw = read_checkpoint(path)
     meta = raw[CHECKPOINT_KEY]
     saved_hash = meta.get("tokenizer_hash")
-    if tokenizer_hash is not None and saved_hash is not None and saved_hash != tokenizer_hash:
-        raise CheckpointError(
-            f"{path} was trained with tokenizer {saved_hash}, not the given tokenizer {tokenizer_hash}: "
-            "use the tokenizer stored in the checkpoint"
-        )
+    check_tokenizer(path, saved_hash, tokenizer_hash)
     model = build_model(**meta["model"])
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
@@ -309,20 +365,11 @@ def load_checkpoint(path: str | Path, *, tokenizer_hash: str | None = None) -> L
     return LoadedCheckpoint(
         path=path,
         model=model,
-        step=int(meta.get("step", raw.get("global_step", 0))),
+        step=metadata_step(meta, raw),
         spec=meta["model"],
         tokenizer_hash=saved_hash,
         tokenizer=tokenizer,
     )
-
-
-def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
-    """Rebuild the tokenizer stored inside a checkpoint."""
-    from tokenizers import Tokenizer
-
-    from data.tokenizer import EOS_TOKEN, PAD_TOKEN
-
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -343,7 +390,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
             by_step[step] = path
     last = directory / "last.ckpt"
     if last.exists():
-        step = int(read_checkpoint(last)[CHECKPOINT_KEY].get("step", -1))
+        step = metadata_step(read_metadata(last))
         by_step.setdefault(step, last)
     if not by_step:
         raise CheckpointError(f"no checkpoints (*.ckpt) in {directory}")
