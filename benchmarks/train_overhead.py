@@ -41,7 +41,7 @@ from benchmarks.common import (  # noqa: E402
     train_flops_per_token, write_json,
 )
 from lmrep.callbacks import TokensPerSecond  # noqa: E402
-from lmrep.checkpoints import StepCheckpoint  # noqa: E402
+from lmrep.checkpoints import CheckpointSchedule, StepCheckpoint  # noqa: E402
 from lmrep.loggers import RunLogger  # noqa: E402
 from lmrep.module import LanguageModelModule, next_token_loss, warmup_cosine  # noqa: E402
 
@@ -104,7 +104,8 @@ def run_lightning(family: str, args: argparse.Namespace, dm: Any, variant: str) 
     with tempfile.TemporaryDirectory(prefix="lmrep-bench-") as tmp:
         callbacks: list[L.Callback] = [clock]
         if variant in ("full", "no_logger"):
-            callbacks += [StepCheckpoint(dirpath=str(Path(tmp) / "checkpoints"), every_n_train_steps=CHECKPOINT_EVERY),
+            callbacks += [StepCheckpoint(dirpath=str(Path(tmp) / "checkpoints"),
+                                         schedule=CheckpointSchedule(every=CHECKPOINT_EVERY)),
                           TokensPerSecond()]
             if variant == "full":
                 callbacks.append(LearningRateMonitor(logging_interval="step"))

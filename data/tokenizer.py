@@ -34,8 +34,18 @@ HASH_CHARS = 16  # 64 bits of sha256: plenty to tell tokenizers apart
 IDENTITY_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "model", "decoder")
 
 
-def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    """Wrap a raw `tokenizers.Tokenizer` as a transformers tokenizer with EOS and PAD set."""
+def wrap_tokenizer(tok: Tokenizer | str, *, name: str = "tokenizer") -> PreTrainedTokenizerFast:
+    """The one way lmrep wraps a raw tokenizer (a `tokenizers.Tokenizer` or its JSON text).
+
+    EOS and PAD are set and must already be in the vocabulary (wrapping would
+    otherwise add them as new tokens and change the vocabulary size); `name`
+    says which tokenizer in the error.
+    """
+    if isinstance(tok, str):
+        tok = Tokenizer.from_str(tok)
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"{name} lacks the special tokens {missing}: not a tokenizer written by lmrep")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS_TOKEN,
@@ -68,7 +78,7 @@ def train_tokenizer(
         )
     out_path = Path(out_path)
     write_text_atomic(out_path, tok.to_str(pretty=True))
-    return _wrap(tok)
+    return wrap_tokenizer(tok, name="the trained tokenizer")
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
@@ -76,12 +86,7 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")
-    tok = Tokenizer.from_file(str(path))
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-    if missing:
-        # Wrapping would silently add them as new tokens and change the vocabulary size.
-        raise ValueError(f"tokenizer {path} lacks the special tokens {missing}")
-    return _wrap(tok)
+    return wrap_tokenizer(Tokenizer.from_file(str(path)), name=f"tokenizer {path}")
 
 
 def tokenizer_hash(tok_or_path: PreTrainedTokenizerFast | Tokenizer | Path | str) -> str:

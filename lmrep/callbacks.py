@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from lmrep.checkpoints import CheckpointSchedule, StepCheckpoint
 from lmrep.pipeline import ProbePlan
 from lmrep.probe import ProbeSettings
 
@@ -123,7 +124,7 @@ class SampleGenerations(L.Callback):
 
 
 class ProbeCallback(L.Callback):
-    """Inverts every block at step 0 and at checkpoint steps, into the training run.
+    """Inverts every block at the checkpoint steps (step 0, the schedule's, the final one), into the training run.
 
     Each probe goes through the same orchestration as probe.py
     (`lmrep.pipeline.probe_and_report`): results to `<run_dir>/probe/results.jsonl`
@@ -143,7 +144,7 @@ class ProbeCallback(L.Callback):
         masks: list[int] | None = None,
         contexts: list[str] | None = None,
         settings: ProbeSettings | None = None,
-        every_n_train_steps: int | None = None,
+        schedule: CheckpointSchedule | None = None,
         out_subdir: str = "probe",
     ) -> None:
         """
@@ -155,7 +156,8 @@ class ProbeCallback(L.Callback):
             masks: masks m to probe (default [0, 1]).
             contexts: 'prompt' and/or 'padded' (default both).
             settings: how each inversion is run (steps, patience, method, ...; default ProbeSettings()).
-            every_n_train_steps: probe every this many steps; default: the checkpoint schedule.
+            schedule: the steps to probe; default: the schedule of the run's StepCheckpoint,
+                so every checkpoint is probed (step 0 and the final step always are).
             out_subdir: results directory inside the run directory.
         """
         self.num_prompts = num_prompts
@@ -163,7 +165,7 @@ class ProbeCallback(L.Callback):
         self.prompts = prompts
         self.plan = ProbePlan(blocks=blocks, masks=masks or [0, 1], contexts=contexts or ["prompt", "padded"],
                               settings=settings or ProbeSettings())
-        self.every_n_train_steps = every_n_train_steps
+        self.schedule = schedule
         self.out_subdir = out_subdir
         self._probed: set[int] = set()
         # [step, loss] pairs, drawn above the recovery curves; kept in checkpoints across a resume.
@@ -175,15 +177,14 @@ class ProbeCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.losses = state_dict.get("losses", self.losses)
 
-    def _interval(self, trainer: L.Trainer) -> int:
-        if self.every_n_train_steps is not None:
-            return self.every_n_train_steps
-        from lmrep.checkpoints import StepCheckpoint
-
+    def _schedule(self, trainer: L.Trainer) -> CheckpointSchedule:
+        """Its own schedule, else the one of the run's StepCheckpoint."""
+        if self.schedule is not None:
+            return self.schedule
         for callback in trainer.callbacks:
-            if isinstance(callback, StepCheckpoint) and callback._every_n_train_steps:
-                return callback._every_n_train_steps
-        raise ValueError("ProbeCallback needs every_n_train_steps or a StepCheckpoint to follow")
+            if isinstance(callback, StepCheckpoint):
+                return callback.schedule
+        raise ValueError("ProbeCallback needs a schedule or a StepCheckpoint in trainer.callbacks to follow")
 
     @rank_zero_only
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, *, final: bool = False) -> None:
@@ -230,7 +231,7 @@ class ProbeCallback(L.Callback):
         if loss is not None and step % trainer.log_every_n_steps == 0:
             # This batch's loss came from the weights before its update: step - 1, as the loggers have it.
             self.losses["train"].append([step - 1, float(loss)])
-        if step % self._interval(trainer) == 0:
+        if step in self._schedule(trainer):
             self._probe(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,18 +1,21 @@
-"""Checkpoints: one at step 0 before any update, every N steps, and last; safe loading.
+"""Checkpoints: a schedule of steps (0, log-spaced early, every N, last), the checkpoint contract, safe loading.
 
-A checkpoint is a Lightning checkpoint with lmrep's metadata under
-`checkpoint["lmrep"]`: the model family and config (enough to rebuild it), the
-tokenizer's hash and its JSON (so a checkpoint decodes on its own), and the step.
-Loading never executes pickled code (`torch.load(weights_only=True)`), also on
-Lightning's own resume path (`SafeCheckpointIO`), and a checkpoint is written to a
-temporary file in its own directory and renamed, so no half-written file ever
-carries a checkpoint's name.
+The contract lives here and only here. A checkpoint is a Lightning checkpoint
+with lmrep's metadata under `checkpoint[CHECKPOINT_KEY]` (`checkpoint_metadata`):
+the model family and config (enough to rebuild it), the tokenizer's hash and its
+JSON (so a checkpoint decodes on its own), and the step. A checkpoint is used
+only with the tokenizer and model it was written with (`check_tokenizer`,
+`check_resume`). Loading never executes pickled code
+(`torch.load(weights_only=True)`), also on Lightning's own resume path
+(`SafeCheckpointIO`), and a checkpoint is written to a temporary file in its own
+directory and renamed, so no half-written file ever carries a checkpoint's name.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +30,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from data.files import atomic_write
-from lmrep.module import CHECKPOINT_KEY
-from models import build_model
+from data.tokenizer import wrap_tokenizer
+from models import build_model, model_spec
 
+CHECKPOINT_KEY = "lmrep"  # where lmrep's own metadata lives inside a Lightning checkpoint
 STEP_FILENAME = "step={step:06d}"  # zero-padded so names sort in step order
 _STEP_PATTERN = re.compile(r"step=(\d+)")
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # in torch's weights_only refusal
@@ -39,30 +43,153 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not match what it is used with."""
 
 
-class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes `step=000000.ckpt` before the first update.
+# ---- what a checkpoint carries, and what it may be used with ------------------------------------
 
-    Lightning has no option for a step-0 checkpoint; probing needs the untrained
-    weights of the same run. Every N steps and `last.ckpt` come from ModelCheckpoint.
-    The step-0 file is written once: a resumed run never overwrites it.
+
+def checkpoint_metadata(model: nn.Module, *, step: int, tokenizer_hash: str | None,
+                        tokenizer_json: str | None) -> dict[str, Any]:
+    """lmrep's part of a checkpoint (stored under CHECKPOINT_KEY): model spec, tokenizer hash and JSON, step."""
+    return {"model": model_spec(model), "tokenizer_hash": tokenizer_hash, "tokenizer_json": tokenizer_json,
+            "step": int(step)}
+
+
+def check_tokenizer(path: str | Path, saved: str | None, ours: str | None, *, resuming: bool = False) -> None:
+    """Refuse to pair a checkpoint trained with tokenizer `saved` with tokenizer `ours` (None: unknown, allowed).
+
+    `resuming`: `ours` is the training data's tokenizer (train.py); otherwise a tokenizer given to load with.
+    """
+    if saved is None or ours is None or saved == ours:
+        return
+    if resuming:
+        raise CheckpointError(
+            f"{path} was trained with tokenizer {saved}, but the data's tokenizer is {ours}: "
+            "resume with the tokenizer it was trained with (data.tokenizer_path) or start a new run_dir"
+        )
+    raise CheckpointError(
+        f"{path} was trained with tokenizer {saved}, not the given tokenizer {ours}: "
+        "use the tokenizer stored in the checkpoint"
+    )
+
+
+def check_resume(path: str | Path, meta: dict[str, Any], *, tokenizer_hash: str | None, model: nn.Module) -> None:
+    """Refuse to resume training from a checkpoint of another tokenizer or another model."""
+    check_tokenizer(path, meta.get("tokenizer_hash"), tokenizer_hash, resuming=True)
+    spec = model_spec(model)
+    if meta.get("model") and meta["model"] != spec:
+        raise CheckpointError(f"{path} holds a {meta['model']} model, but the config builds {spec}")
+
+
+def metadata_step(meta: dict[str, Any], raw: dict[str, Any] | None = None) -> int:
+    """The optimiser step a checkpoint's weights are at (older files: Lightning's global_step)."""
+    return int(meta.get("step", (raw or {}).get("global_step", 0)))
+
+
+def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    """Rebuild the tokenizer stored inside a checkpoint (exactly as data.tokenizer loads one)."""
+    return wrap_tokenizer(text, name="the checkpoint's tokenizer")
+
+
+# ---- which steps are saved ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointSchedule:
+    """Which optimiser steps are checkpointed: step 0, a log-spaced early phase, then every N, plus explicit steps.
+
+    Invertibility moves fastest in the first hundred steps, so a linear 0/100/200 grid
+    misses it; like Pythia's checkpoints (0, 1, 2, 4, ..., 512, then every 1000) the
+    early phase is log-spaced. The schedule is a pure function of the step, so a
+    resumed run continues it exactly. `StepCheckpoint` saves these steps and
+    `ProbeCallback` probes them; in YAML: `schedule: {every: 100, log_until: 64}`.
     """
 
-    def __init__(self, *, dirpath: str | None = None, every_n_train_steps: int = 100, save_last: bool = True) -> None:
+    every: int = 100
+    """After the early phase, save every this many optimiser steps (0 = never)."""
+    log_until: int = 0
+    """Early phase: steps 1, 2, 4, ... up to and including this power of two (0 = no early phase)."""
+    steps: tuple[int, ...] = ()
+    """Explicit extra steps to save."""
+
+    def __post_init__(self) -> None:
+        if not _is_count(self.every):
+            raise ValueError(f"every must be an integer >= 0 (0 = never), got {self.every}")
+        if not _is_count(self.log_until) or (self.log_until and self.log_until & (self.log_until - 1)):
+            raise ValueError(f"log_until must be 0 (off) or a power of two (1, 2, 4, ..., 512), got {self.log_until}")
+        for step in self.steps:
+            if not _is_count(step):
+                raise ValueError(f"steps must be integers >= 0, got {step}")
+        object.__setattr__(self, "steps", tuple(sorted(set(self.steps))))  # frozen: normalised once, here
+
+    @property
+    def log_spaced(self) -> bool:
+        """True when the schedule has a log-spaced early phase (its curves read best on a symlog axis)."""
+        return self.log_until > 0
+
+    def __contains__(self, step: int) -> bool:
+        """Is this step saved? Step 0 (the untrained weights) always is."""
+        if step == 0 or step in self.steps:
+            return True
+        if 0 < step <= self.log_until:
+            return step & (step - 1) == 0  # a power of two
+        return self.every > 0 and step > self.log_until and step % self.every == 0
+
+    def steps_until(self, max_steps: int) -> list[int]:
+        """Every step a run of `max_steps` saves, sorted: the schedule's steps and the final step itself."""
+        if not _is_count(max_steps):
+            raise ValueError(f"max_steps must be an integer >= 0, got {max_steps}")
+        early = [1 << k for k in range(self.log_until.bit_length()) if 1 << k <= min(self.log_until, max_steps)]
+        first = (self.log_until // self.every + 1) * self.every if self.every else max_steps + 1
+        grid = range(first, max_steps + 1, self.every) if self.every else range(0)
+        return sorted({0, *early, *grid, *(s for s in self.steps if s <= max_steps), max_steps})
+
+
+def _is_count(value: Any) -> bool:
+    """An int >= 0 (bool is not a count, though Python calls it an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that saves the steps of a `CheckpointSchedule`, step 0 before the first update, and the last.
+
+    Lightning has no option for a step-0 checkpoint (probing needs the untrained
+    weights of the same run) nor for a log-spaced schedule, so the steps are
+    chosen here, in `on_train_batch_end`, and ModelCheckpoint's machinery writes
+    them (`step=000100.ckpt`, `last.ckpt` that a resumed run starts from). A
+    resumed run continues the schedule: the step it resumes from is not saved
+    again, and the step-0 file is written only once.
+    """
+
+    def __init__(self, *, dirpath: str | None = None, schedule: CheckpointSchedule | None = None,
+                 save_last: bool = True, every_n_train_steps: int | None = None) -> None:
         """
         Args:
             dirpath: where checkpoints go; default `<trainer.default_root_dir>/checkpoints`.
-            every_n_train_steps: save a checkpoint every this many optimiser steps.
+            schedule: which steps to save (default: every 100 steps).
             save_last: also keep `last.ckpt`, the one a resumed run starts from.
+            every_n_train_steps: deprecated, the same as `schedule: {every: N}`.
         """
+        if every_n_train_steps is not None:
+            if schedule is not None:
+                raise ValueError("give StepCheckpoint either schedule or every_n_train_steps (deprecated), not both")
+            warnings.warn("StepCheckpoint(every_n_train_steps=N) is deprecated: use schedule: {every: N}",
+                          DeprecationWarning, stacklevel=2)
+            schedule = CheckpointSchedule(every=every_n_train_steps)
+        self.schedule = schedule if schedule is not None else CheckpointSchedule()
         super().__init__(
             dirpath=dirpath,
             filename=STEP_FILENAME,
             auto_insert_metric_name=False,
-            every_n_train_steps=every_n_train_steps,
+            every_n_train_steps=0,  # ModelCheckpoint's own triggers are off: the schedule decides
             save_top_k=-1,
             save_last=save_last,
             enable_version_counter=False,
         )
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key holds its triggers; this one's only trigger is the schedule, which may
+        # change on a resume (the state it keys, last.ckpt's path, is still this callback's).
+        return self._generate_state_key(filename=STEP_FILENAME)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
@@ -72,11 +199,22 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if trainer.global_step != 0:
+            # Resumed: the checkpoint of this step exists already (it is what the run resumed from).
+            self._last_global_step_saved = trainer.global_step
             return
         path = Path(self.dirpath) / f"{STEP_FILENAME.format(step=0)}{self.FILE_EXTENSION}"
         # Rank 0 decides for every rank: saving is collective (it ends in a barrier).
         if not trainer.strategy.broadcast(path.exists()):
             self._save_checkpoint(trainer, str(path))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Under gradient accumulation this runs once per micro-batch: a step is saved once
+        # (_should_skip_saving_checkpoint knows the last step saved).
+        if trainer.global_step in self.schedule and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # A checkpoint of NaN/inf weights would become the `last.ckpt` a resume starts from.
@@ -90,11 +228,14 @@ class StepCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # ModelCheckpoint only saves on its N-step grid; the final step must be kept too.
+        # The final step is kept too, whether or not the schedule has it.
         if self._last_global_step_saved != trainer.global_step:
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+
+# ---- reading and writing -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -152,6 +293,11 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     return raw
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """lmrep's metadata of a checkpoint, validated (safe load, tensors mapped rather than read: cheap)."""
+    return read_checkpoint(path, mmap=True)[CHECKPOINT_KEY]
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O with weights-only loading and atomic local writes.
 
@@ -195,11 +341,7 @@ def load_checkpoint(path: str | Path, *, tokenizer_hash: str | None = None) -> L
     raw = read_checkpoint(path)
     meta = raw[CHECKPOINT_KEY]
     saved_hash = meta.get("tokenizer_hash")
-    if tokenizer_hash is not None and saved_hash is not None and saved_hash != tokenizer_hash:
-        raise CheckpointError(
-            f"{path} was trained with tokenizer {saved_hash}, not the given tokenizer {tokenizer_hash}: "
-            "use the tokenizer stored in the checkpoint"
-        )
+    check_tokenizer(path, saved_hash, tokenizer_hash)
     model = build_model(**meta["model"])
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
@@ -212,20 +354,11 @@ def load_checkpoint(path: str | Path, *, tokenizer_hash: str | None = None) -> L
     return LoadedCheckpoint(
         path=path,
         model=model,
-        step=int(meta.get("step", raw.get("global_step", 0))),
+        step=metadata_step(meta, raw),
         spec=meta["model"],
         tokenizer_hash=saved_hash,
         tokenizer=tokenizer,
     )
-
-
-def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
-    """Rebuild the tokenizer stored inside a checkpoint."""
-    from tokenizers import Tokenizer
-
-    from data.tokenizer import EOS_TOKEN, PAD_TOKEN
-
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -246,7 +379,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
             by_step[step] = path
     last = directory / "last.ckpt"
     if last.exists():
-        step = int(read_checkpoint(last)[CHECKPOINT_KEY].get("step", -1))
+        step = metadata_step(read_metadata(last))
         by_step.setdefault(step, last)
     if not by_step:
         raise CheckpointError(f"no checkpoints (*.ckpt) in {directory}")

@@ -23,9 +23,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer import Trainer
 
 from data.tinystories import TinyStoriesDataModule
-from lmrep.checkpoints import CheckpointError, SafeCheckpointIO, read_checkpoint
-from lmrep.module import CHECKPOINT_KEY, LanguageModelModule
-from models import model_spec
+from lmrep.checkpoints import SafeCheckpointIO, check_resume, read_metadata
+from lmrep.module import LanguageModelModule
 
 DEFAULT_LOGGER = "lmrep.loggers.RunLogger"
 DEBUG_ENV = "LMREP_DEBUG"  # set to 1 for full tracebacks instead of one-line errors
@@ -91,7 +90,7 @@ class TrainCLI(LightningCLI):
         if ckpt_path is None or ckpt_path in _SPECIAL_CKPT_PATHS or "://" in ckpt_path:
             return None
         # mmap: the tensors are mapped, not read, so the check costs little even for a big file
-        return read_checkpoint(ckpt_path, mmap=True)[CHECKPOINT_KEY]
+        return read_metadata(ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer, with SafeCheckpointIO unless a plugin list is configured."""
@@ -104,16 +103,8 @@ class TrainCLI(LightningCLI):
         meta = getattr(self, "_resume_meta", None)
         if meta is None:
             return
-        ckpt = self.config[self.subcommand].ckpt_path
-        saved, ours = meta.get("tokenizer_hash"), self.datamodule.tokenizer_hash
-        if saved and saved != ours:
-            raise CheckpointError(
-                f"{ckpt} was trained with tokenizer {saved}, but the data's tokenizer is {ours}: "
-                "resume with the tokenizer it was trained with (data.tokenizer_path) or start a new run_dir"
-            )
-        spec = model_spec(self.model.model)
-        if meta.get("model") and meta["model"] != spec:
-            raise CheckpointError(f"{ckpt} holds a {meta['model']} model, but the config builds {spec}")
+        check_resume(self.config[self.subcommand].ckpt_path, meta, tokenizer_hash=self.datamodule.tokenizer_hash,
+                     model=self.model.model)
 
 
 def main(args: list[str] | None = None) -> TrainCLI | None:

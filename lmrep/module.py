@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from models import SurfaceModel, model_spec
+from lmrep.checkpoints import CHECKPOINT_KEY, check_resume, checkpoint_metadata
+from models import SurfaceModel
 
 IGNORE_INDEX = -100  # label value of padding positions (HF convention)
-CHECKPOINT_KEY = "lmrep"  # where lmrep's own metadata lives inside a Lightning checkpoint
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
 
 
@@ -160,25 +160,13 @@ class LanguageModelModule(L.LightningModule):
             self.tokenizer_json = datamodule.tokenizer_file.read_text(encoding="utf-8")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "model": model_spec(self.model),
-            "tokenizer_hash": self.tokenizer_hash,
-            "tokenizer_json": self.tokenizer_json,
-            "step": int(self.global_step),
-        }
+        checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(
+            self.model, step=self.global_step, tokenizer_hash=self.tokenizer_hash, tokenizer_json=self.tokenizer_json
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get(CHECKPOINT_KEY, {})
-        saved = meta.get("tokenizer_hash")
-        if saved and self.tokenizer_hash and saved != self.tokenizer_hash:
-            raise ValueError(
-                f"checkpoint was trained with tokenizer {saved}, but the data module's tokenizer is "
-                f"{self.tokenizer_hash}: resume with the same tokenizer"
-            )
-        if meta.get("model") and meta["model"] != model_spec(self.model):
-            raise ValueError(
-                f"checkpoint holds a {meta['model']} model, but the config builds {model_spec(self.model)}"
-            )
+        check_resume("the checkpoint", checkpoint.get(CHECKPOINT_KEY, {}), tokenizer_hash=self.tokenizer_hash,
+                     model=self.model)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):

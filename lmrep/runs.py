@@ -30,8 +30,7 @@ from transformers import PreTrainedTokenizerFast
 
 from data.files import write_text_atomic
 from lmrep import schema
-from lmrep.checkpoints import list_checkpoints, load_checkpoint, read_checkpoint
-from lmrep.module import CHECKPOINT_KEY
+from lmrep.checkpoints import list_checkpoints, load_checkpoint, read_metadata
 from lmrep.probe import ProbeSettings, probe
 from lmrep.prompts import PromptSet, parse_blocks
 from lmrep.sharding import Shard, gather_rows, single_process_order
@@ -235,7 +234,7 @@ def checkpoint_sources(path: str | Path) -> list[ModelSource]:
     sources, first_spec = [], None
     for p in paths:
         # Validated (safe load, lmrep metadata) before any probing starts; mapped, not read, until probed.
-        meta = read_checkpoint(p, mmap=True)[CHECKPOINT_KEY]
+        meta = read_metadata(p)
         # One run's checkpoints share one model: curves over steps of different models mean nothing.
         spec = meta.get("model")
         if first_spec is None:

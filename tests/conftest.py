@@ -44,7 +44,7 @@ def tiny_config(path: Path, family: str, run_dir: Path, cache: Path, *, steps: i
     kept = [c for c in trainer["callbacks"] if not c["class_path"].endswith("SampleGenerations")]
     for c in kept:
         if c["class_path"].endswith("StepCheckpoint"):
-            c["init_args"]["every_n_train_steps"] = every
+            c["init_args"] = {"schedule": {"every": every}}
     trainer["callbacks"] = kept + (callbacks or [])
     path.write_text(yaml.safe_dump(cfg))
     return path
