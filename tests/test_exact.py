@@ -171,3 +171,83 @@ def test_several_masked_positions_are_searched_and_marked_not_exhaustive() -> No
     assert bool(result.exhaustive[by_mask[1]]) and not bool(result.exhaustive[by_mask[3]])
     assert int(result.steps_run[by_mask[3]]) >= 2  # at least one sweep that changed nothing
     assert (result.true_rank[by_mask[3]] >= 1).all()
+
+
+def _rows(model: SurfaceModel, ids: Tensor, settings: ProbeSettings, **kw: object) -> list[dict]:
+    """Plain rows as a run writes them (the columns the report reads)."""
+    rows = []
+    for context in ("prompt", "padded"):
+        result = probe(model, ids, pad_token_id=PAD, settings=ProbeSettings(**{**vars(settings), "context": context}),
+                       **kw)
+        for row in result.rows():
+            row.update(step=0, checkpoint="init", family=model.family, source_id="s", settings_id=settings.method,
+                       prompt="p", target_tokens=[f"t{i}" for i in row["target_ids"]],
+                       recovered_tokens=[f"t{i}" for i in row["recovered_ids"]])
+            rows.append(row)
+    return rows
+
+
+def test_gradient_recovery_of_a_not_identifiable_position_is_a_reported_tie(tmp_path) -> None:
+    from lmrep import ceiling
+    from lmrep.report import write_report
+
+    grid = dict(blocks=[1, 2], masks=[0, 1])
+    model = mixer(vocab=64, d=32, n=2)
+    ids = prompts(3, 6, 64)
+    gd = ProbeSettings(lr=0.05, steps=200)
+    rows = _rows(model, ids, gd, **grid) + _rows(model, ids, EXACT, **grid)
+    counts = ceiling.class_counts(rows)
+    assert len(counts) == 2 * 2 * 2 and all(c["compared"] for c in counts)
+    assert sum(c["self_tie"] + c["nonself_tie"] for c in counts) == 0  # untrained: GD never beats the ceiling
+    assert sum(c["self_recovered"] for c in counts) > 0
+
+    a, b = 10, 20
+    with torch.no_grad():
+        model.embedding.weight[b] = model.embedding.weight[a]
+    ids = torch.tensor([[5, a, 7, 8, b, 9]])
+    rows = _rows(model, ids, gd, blocks=[1], masks=[0]) + _rows(model, ids, EXACT, blocks=[1], masks=[0])
+    classified = ceiling.classified_rows(rows)
+    assert len(classified) == 2  # the gradient rows, each with its exact partner
+    for row, classes in classified:
+        for pos, cls in enumerate(classes):
+            if row["target_ids"][pos] in (a, b):
+                assert cls in ("tie", "lost")  # a decode of a or b is a coin toss between equals
+            else:
+                assert cls == "recovered"
+    ties = sum(cls == "tie" for _, classes in classified for cls in classes)
+    assert ties >= 1 and sum(c["self_tie"] for c in ceiling.class_counts(rows)) == ties  # counted, never silent
+    files = write_report(rows, tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    assert "class=\"tie\"" in html and "positions per class" in html
+    assert (tmp_path / "classes.csv").read_text().splitlines()[0].startswith("step,block,mask,context,compared")
+    assert files["classes"].exists()
+
+
+def test_probe_cli_method_exact_end_to_end(tmp_path, data_cache) -> None:
+    import json
+
+    from lmrep.probe_cli import main as probe_main
+    from lmrep.runs import read_results
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path / "flat.yaml", "flat", tmp_path / "run", data_cache, steps=1, every=1, d=32)
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("Once upon a time, there was a dog.\nLily liked to play in the park.\n")
+    out = tmp_path / "probe"
+    common = ["--init", str(config), "--prompts", str(prompt_file), "--mask", "0,1", "--context", "padded",
+              "--blocks", "all", "--out", str(out), "--no-wandb"]
+    assert probe_main([*common, "--steps", "100"]) == 0  # gradient rows first
+    assert probe_main([*common, "--method", "exact"]) == 0  # exact rows beside them, in the same results file
+    rows = read_results(out)
+    exact = [r for r in rows if r["method"] == "exact"]
+    assert len(exact) == len(rows) // 2 == 2 * 2 * 2  # blocks x masks x prompts
+    assert len({r["settings_id"] for r in rows}) == 2  # one settings id per method
+    assert all(r["self_identifiable"] == 1.0 and r["exhaustive"] for r in exact)
+    assert all("self_identifiable" not in r for r in rows if r["method"] != "exact")
+    summary = json.loads((out / "summary.json").read_text())
+    assert {s["method"] for s in summary} == {"embedding", "exact"}
+    assert all((s["self_identifiable"] is None) == (s["method"] != "exact") for s in summary)
+    html = (out / "report.html").read_text()
+    assert "identifiable (exact)" in html and "positions per class" in html
+    assert probe_main([*common, "--method", "exact"]) == 0  # nothing left to do
+    assert len(read_results(out)) == len(rows)
