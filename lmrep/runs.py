@@ -255,6 +255,11 @@ def describe_model(spec: dict[str, Any] | None) -> str:
     return f"a {spec.get('family')} ({fields})"
 
 
+def _method(row: dict[str, Any]) -> str:
+    """The method that wrote a row (rows written before methods could share a file: the default)."""
+    return row.get("method", ProbeSettings.method)
+
+
 def complete_groups(rows: Iterable[dict[str, Any]], n_prompts: int) -> set[tuple[Any, ...]]:
     """(source_id, context, block, mask) groups that hold a row for every one of the n prompts."""
     prompts_of: dict[tuple[Any, ...], set[int]] = {}
@@ -271,20 +276,23 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
     """Probe every source in every context, appending to `out_dir/results.jsonl` after each.
 
     Work already in the results file with the same settings is skipped; a results
-    file made with other settings is an error, never mixed. With a `shard` of a
+    file made with other settings is an error, never mixed. Rows of another method
+    (gradient beside exact, `ProbeSettings.method`) are kept beside ours: each
+    method's rows carry their own settings id, and the report sets them side by side. With a `shard` of a
     process group every rank must call this with the same arguments: each probes its
     share of the prompts (on `device`), and rank 0 reads and writes the results file.
     Rank 0 returns every row of the file; the other ranks return this call's new rows.
     """
     shard = shard or Shard()
     out_dir = Path(out_dir)
-    existing = read_results(out_dir) if shard.is_main else []
-    rows = list(existing)
+    everything = read_results(out_dir) if shard.is_main else []
+    rows = list(everything)
+    existing = [r for r in everything if _method(r) == settings.method]  # the other methods' rows stay as they are
     sid = settings_id(settings, prompts)
     done = complete_groups(existing, len(prompts))
     others = sorted(map(str, {r.get("settings_id") for r in existing} - {sid}))
     ours = {(src.name, src.step): src.source_id for src in sources}
-    clashes = sorted({r["checkpoint"] for r in existing
+    clashes = sorted({r["checkpoint"] for r in everything
                       if ours.get((r["checkpoint"], r["step"]), r["source_id"]) != r["source_id"]})
     done, others, clashes = shard.broadcast((done, others, clashes))  # only rank 0 reads the output directory
     if others:
@@ -332,7 +340,8 @@ def run_probe(sources: Sequence[ModelSource], prompts: PromptSet, tokenizer: Pre
                         row.update(settings_id=sid, source_id=source.source_id)
                     gathered.extend(new)
                     redo = {(source.source_id, context, k, m) for k in todo_blocks for m in todo_masks}
-                    rows = [r for r in rows if (r["source_id"], r["context"], r["block"], r["mask"]) not in redo] + new
+                    rows = [r for r in rows if _method(r) != settings.method
+                            or (r["source_id"], r["context"], r["block"], r["mask"]) not in redo] + new
                     if shard.is_main:
                         write_results(out_dir, rows)
                 bar.update(len(blocks) * len(masks) * len(mine) - sum(  # work found done counts as done

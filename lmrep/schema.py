@@ -7,7 +7,8 @@ the W&B table show it. `ProbeResult.rows()`, `runs.probe_rows`,
 `metrics.summarize`, `report` and the W&B table all iterate over `COLUMNS`, so a
 new column is one declaration here plus its computation (a `derive` function of
 the engine's per-row values, or a value the engine or a solver returns under
-the column's name).
+the column's name; `SOLVER` for a column only one solver writes, absent from
+the other methods' rows and None in their summary cells).
 
 Every row also carries the probe settings (`ProbeSettings.as_record()`), which
 are documented on `ProbeSettings` itself.
@@ -79,6 +80,47 @@ def pooled_interval(correct: str, count: str, side: int) -> Reducer:
     return reduce
 
 
+def pooled_present(correct: str, count: str) -> Reducer:
+    """Pooled ratio over the rows that have `correct` (a column only some solvers write); None when none has."""
+
+    def reduce(rows: Sequence[Mapping[str, Any]]) -> float | None:
+        having = [r for r in rows if r.get(correct) is not None]
+        n = sum(_present(having, count))
+        return sum(_present(having, correct)) / n if n else None
+
+    return reduce
+
+
+def total_present(name: str) -> Reducer:
+    """Sum over the prompts that have a value; None when none has (a column only some solvers write)."""
+
+    def reduce(rows: Sequence[Mapping[str, Any]]) -> int | None:
+        values = _present(rows, name)
+        return int(sum(values)) if values else None
+
+    return reduce
+
+
+def median(name: str) -> Reducer:
+    """Median over the prompts that have a value; None when none has."""
+
+    def reduce(rows: Sequence[Mapping[str, Any]]) -> float | None:
+        values = _present(rows, name)
+        return float(np.median(values)) if values else None
+
+    return reduce
+
+
+def minimum(name: str) -> Reducer:
+    """Smallest value over the prompts that have one; None when none has."""
+
+    def reduce(rows: Sequence[Mapping[str, Any]]) -> float | None:
+        values = _present(rows, name)
+        return min(values) if values else None
+
+    return reduce
+
+
 def mean(name: str) -> Reducer:
     """Mean over the prompts that have a value (bools count as 0/1); None when none has."""
 
@@ -101,13 +143,14 @@ def fraction_below(name: str, threshold: float) -> Reducer:
 
 # Where a row value comes from.
 ENGINE = "engine"  # a per-row tensor of the probe engine or its solver, under the column's name
+SOLVER = "solver"  # a per-row tensor that only one solver writes (method=exact): absent from other rows
 DERIVED = "derived"  # computed by `derive` from the engine's per-row tensors
 RUN = "run"  # added by the run: which model, step and settings the row belongs to
 TEXT = "text"  # decoded by the tokenizer from the ids
 SUMMARY = "summary"  # only in the summary, reduced from other columns
 
 # How a value is written into a row.
-KINDS = ("int", "float", "bool", "ids", "str", "tokens")
+KINDS = ("int", "float", "bool", "ids", "floats", "str", "tokens")
 
 
 @dataclass(frozen=True)
@@ -147,6 +190,18 @@ def _interval(correct: str, count: str) -> tuple[Column, Column]:
                         SUMMARY, reduce=pooled_interval(correct, count, side)) for side, end in enumerate(("lo", "hi")))
 
 
+def _identifiable(kind: str, count: str, doc: str) -> tuple[Column, Column, Column, Column]:
+    """An exact solver's identifiable fraction (pooled in the summary), its 95% interval, and its count."""
+    name = f"{kind}_identifiable"
+    return (Column(name, "float", doc, SOLVER, reduce=pooled_present(f"{name}_count", count), report=True,
+                   wandb=True),
+            *(Column(f"{name}_{end}", "float", f"{end} end of the 95% interval of {name} (bootstrap over prompts)",
+                     SUMMARY, reduce=pooled_interval(f"{name}_count", count, side))
+              for side, end in enumerate(("lo", "hi"))),
+            Column(f"{name}_count", "int", f"{kind} positions identifiable (exact rows)", SOLVER,
+                   reduce=total_present(f"{name}_count")))
+
+
 COLUMNS: tuple[Column, ...] = (
     # which row
     Column("step", "int", "training step of the probed weights (updates done)", RUN, wandb=True),
@@ -182,7 +237,26 @@ COLUMNS: tuple[Column, ...] = (
            wandb=True),
     Column("ratio_below_1", "float", "fraction of prompts whose distance ratio is below 1 (the source's criterion)",
            SUMMARY, reduce=fraction_below("distance_ratio", 1.0), report=True),
-    Column("steps_run", "int", "optimisation steps actually run (fewer with patience)", reduce=mean("steps_run")),
+    Column("steps_run", "int", "optimisation steps actually run (fewer with patience; exact: coordinate-search sweeps)", reduce=mean("steps_run")),
+    # exact identifiability (method=exact rows only; lmrep.probe.exact): the ceiling under recovery
+    *_identifiable("self", "n_self", "fraction of visible positions (>= m) whose true token is identifiable: the "
+                   "unique nearest candidate, every wrong one farther than the shifted true input"),
+    *_identifiable("nonself", "n_nonself", "fraction of masked positions (< m) whose true token is identifiable "
+                   "from the outputs at positions >= m; None for m = 0"),
+    Column("identifiable", "ids", "per real position: 1 identifiable, 0 not, -1 not scored (exact rows)", SOLVER),
+    Column("true_rank", "ids", "per real position: rank of the true token among the candidates (1: nearest; "
+           "-1 not scored)", SOLVER),
+    Column("margins", "floats", "per real position: nearest wrong candidate's distance minus the true token's "
+           "(None: not scored)", SOLVER),
+    Column("median_rank", "float", "median rank of the true token over the scored positions (summary: median "
+           "over prompts)", SOLVER, reduce=median("median_rank"), report=True),
+    Column("min_margin", "float", "smallest margin over the scored positions (summary: over prompts)",
+           SOLVER, reduce=minimum("min_margin"), report=True),
+    Column("median_margin", "float", "median margin over the scored positions (summary: median over prompts)",
+           SOLVER, reduce=median("median_margin")),
+    Column("exhaustive", "bool", "every candidate combination was tried: false where m > 1 masked positions were "
+           "found by coordinate search (summary: fraction of prompts)", SOLVER, reduce=mean("exhaustive"),
+           report=True),
     # token counts behind the accuracies
     Column("n_real", "int", "real (non-padding) prompt positions", reduce=total("n_real")),
     Column("n_self", "int", "real positions >= m that were measured (0 with free=masked)", reduce=total("n_self")),
@@ -208,6 +282,8 @@ def plain_value(value: Tensor, kind: str, n_real: int) -> Any:
     """One row's value of a per-row tensor as a plain JSON value (ids cut to the real length, NaN -> None)."""
     if kind == "ids":
         return value[:n_real].tolist()
+    if kind == "floats":
+        return [None if math.isnan(v) else v for v in value[:n_real].tolist()]
     if kind == "int":
         return int(value)
     if kind == "bool":

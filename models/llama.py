@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from data.files import staged_files
 from models.surface import SurfaceModel, check_length, check_run
@@ -118,6 +119,31 @@ def _mask_arguments(h: Tensor) -> dict[str, Any]:
     return args
 
 
+def _attend_own(attn: nn.Module, true: Tensor, own: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF Llama attention output at each t for own[:, t] after the true prefix: (1, t, d), (c, t, d) -> (c, t, d).
+
+    Position t's query reads the true keys and values of positions < t (shared by every
+    candidate) and its own; the same RoPE, scaling and softmax as the layer's own forward.
+    """
+    c, t, _ = own.shape
+
+    def heads(proj: nn.Module, x: Tensor) -> Tensor:
+        return proj(x).view(x.shape[0], t, -1, attn.head_dim).transpose(1, 2)  # (b, heads, t, head_dim)
+
+    q, k_own = apply_rotary_pos_emb(heads(attn.q_proj, own), heads(attn.k_proj, own), cos, sin)
+    _, k_true = apply_rotary_pos_emb(k_own[:1], heads(attn.k_proj, true), cos, sin)
+    v_own, v_true = heads(attn.v_proj, own), heads(attn.v_proj, true)
+    groups = attn.num_key_value_groups  # grouped-query attention: each key/value head serves `groups` queries
+    k_own, k_true, v_own, v_true = (x.repeat_interleave(groups, dim=1) for x in (k_own, k_true, v_own, v_true))
+    prefix = (q @ k_true.transpose(-1, -2)) * attn.scaling  # (c, H, t, t): query t, true key s
+    earlier = torch.ones(t, t, dtype=torch.bool, device=own.device).tril(-1)  # s < t
+    prefix = prefix.masked_fill(~earlier, -math.inf)
+    itself = (q * k_own).sum(-1, keepdim=True) * attn.scaling  # (c, H, t, 1)
+    weights = torch.softmax(torch.cat([prefix, itself], -1), dim=-1)  # (c, H, t, t + 1)
+    mixed = weights[..., :t] @ v_true + weights[..., t:] * v_own  # (c, H, t, head_dim)
+    return attn.o_proj(mixed.transpose(1, 2).reshape(c, t, -1))  # (c, t, d)
+
+
 class LlamaLM(SurfaceModel):
     """HF `LlamaForCausalLM` exposing the probing surface."""
 
@@ -164,6 +190,21 @@ class LlamaLM(SurfaceModel):
                 h, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings
             )  # (b, t, d)
         return h
+
+    def candidate_states(self, states: Sequence[Tensor], own: Tensor, upto: int) -> list[Tensor]:
+        """Fast path of `SurfaceModel.candidate_states`: the true prefix's keys and values are computed once
+        per layer; each candidate's query at t attends to them (positions < t) and to its own key."""
+        t = own.shape[1]
+        position_ids = torch.arange(t, device=own.device)[None, :]  # (1, t)
+        cos, sin = self.hf.model.rotary_emb(own, position_ids=position_ids)  # 2 x (1, t, head_dim)
+        out = []
+        h = own  # (c, t, d)
+        for j, layer in enumerate(self.blocks[:upto]):
+            h = h + _attend_own(layer.self_attn, layer.input_layernorm(states[j])[None], layer.input_layernorm(h),
+                                cos, sin)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))  # (c, t, d)
+            out.append(h)
+        return out
 
     def forward(self, ids: Tensor) -> Tensor:
         """Token ids (b, t) -> next-token logits (b, t, vocab)."""

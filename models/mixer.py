@@ -14,7 +14,7 @@ those positions, so no padding is ever needed.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -85,6 +85,10 @@ class SequenceLinear(nn.Module):
         bias = self.bias[:n_out, None].expand(b, n_out, 1)
         return torch.baddbmm(bias, weight.expand(b, -1, -1), x)  # (b, n_out, d)
 
+    def own_weights(self, n_out: int, n_in: int) -> Tensor:
+        """The (masked) weights from each input position to each output (n_out, n_in), cut to the first ones."""
+        return self.weight.masked_fill(~self.mask, 0.0)[:n_out, :n_in]
+
 
 def causal_mask(n: int) -> Tensor:
     """Lower-triangular boolean mask: output i may read input j iff j <= i."""
@@ -100,6 +104,13 @@ class FlatMixing(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mix(x, x.shape[1])  # (b, t, d)
+
+    def with_own(self, true: Tensor, own: Tensor) -> Tensor:
+        """Output at each t when t's input is own[:, t] and the others are `true` (t, d): linear, so the true
+        output plus the own term's change, W[t, t] (own_t - true_t)."""
+        t = true.shape[0]
+        diagonal = self.mix.own_weights(t, t).diagonal()[:, None]  # (t, 1)
+        return self(true[None])[0] + diagonal * (own - true)  # (c, t, d)
 
 
 class ExpandedMixing(nn.Module):
@@ -124,6 +135,21 @@ class ExpandedMixing(nn.Module):
         h = F.gelu(self.up(x, t * self.expansion))  # (b, e*t, d)
         return self.down(h, t)  # (b, t, d)
 
+    def with_own(self, true: Tensor, own: Tensor) -> Tensor:
+        """Output at each t when t's input is own[:, t] and the others are `true` (t, d).
+
+        Only position t's own e channels change (channels of earlier positions read only
+        true inputs; later ones are not read by output t), each by W_up[c, t] (own_t - true_t).
+        """
+        t, e = true.shape[0], self.expansion
+        rows = torch.arange(t * e, device=true.device)
+        up_own = self.up.own_weights(t * e, t)[rows, rows // e].view(t, e, 1)  # (t, e, 1): channel <- own position
+        down_own = self.down.own_weights(t, t * e)[rows // e, rows].view(t, e, 1)  # (t, e, 1): output <- own channels
+        pre = self.up(true[None], t * e)[0].view(t, e, -1)  # (t, e, d) true pre-activations
+        h_true = F.gelu(pre)
+        h_own = F.gelu(pre + up_own * (own - true)[:, :, None])  # (c, t, e, d)
+        return self.down(h_true.view(1, t * e, -1), t)[0] + (down_own * (h_own - h_true)).sum(2)  # (c, t, d)
+
 
 class ParallelMixing(nn.Module):
     """Several flat mixings of the same input, summed."""
@@ -134,6 +160,10 @@ class ParallelMixing(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return sum(mixing(x) for mixing in self.mixings)  # (b, t, d)
+
+    def with_own(self, true: Tensor, own: Tensor) -> Tensor:
+        """Output at each t when t's input is own[:, t] and the others are `true` (t, d): the flat ones summed."""
+        return sum(mixing.with_own(true, own) for mixing in self.mixings)  # (c, t, d)
 
 
 TOKEN_MIXINGS: dict[str, type[nn.Module]] = {
@@ -170,6 +200,11 @@ class MixerBlock(nn.Module):
         x = x + self.mlp(self.mlp_norm(x))  # (b, t, d)
         return x
 
+    def with_own(self, true: Tensor, own: Tensor) -> Tensor:
+        """Block output at each t when t's input is own[:, t] (c, t, d) and the others are `true` (t, d)."""
+        own = own + self.mix.with_own(self.mix_norm(true), self.mix_norm(own))  # (c, t, d)
+        return own + self.mlp(self.mlp_norm(own))  # (c, t, d)
+
 
 class MaskedMixer(SurfaceModel):
     """Masked mixer language model: embedding -> n mixer blocks -> LayerNorm -> LM head."""
@@ -193,6 +228,16 @@ class MaskedMixer(SurfaceModel):
         self.blocks = nn.ModuleList(MixerBlock(config) for _ in range(config.n_blocks))
         self.norm = nn.LayerNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def candidate_states(self, states: Sequence[Tensor], own: Tensor, upto: int) -> list[Tensor]:
+        """Fast path of `SurfaceModel.candidate_states`: each block's token mixing at t is the true prefix's
+        fixed part plus the candidate's own term, so every position of every candidate costs one position."""
+        out = []
+        h = own  # (c, t, d)
+        for j, block in enumerate(self.blocks[:upto]):
+            h = block.with_own(states[j], h)
+            out.append(h)
+        return out
 
     def forward(self, ids: Tensor) -> Tensor:
         """Token ids (b, t) -> next-token logits (b, t, vocab)."""

@@ -12,7 +12,7 @@ families compute the same way, so a family file writes only what is its own
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -53,6 +53,10 @@ class ProbeSurface(Protocol):
 
     def hidden(self, e: Tensor, upto: int) -> Tensor:
         """Hidden state after `upto` blocks for input embeddings e (b, t, d)."""
+        ...
+
+    def candidate_states(self, states: Sequence[Tensor], own: Tensor, upto: int) -> list[Tensor]:
+        """States after blocks 1..upto at each position t for input own[:, t] after the true prefix."""
         ...
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -106,6 +110,26 @@ class SurfaceModel(nn.Module, abc.ABC):
     def hidden(self, e: Tensor, upto: int) -> Tensor:
         """Hidden state after `upto` blocks for input embeddings e (b, t, d); upto=0 returns e itself."""
         return self.run_blocks(e, 0, upto)
+
+    def candidate_states(self, states: Sequence[Tensor], own: Tensor, upto: int) -> list[Tensor]:
+        """States after blocks 1..upto at each position t when t's input is own[:, t] and positions < t are true.
+
+        states[j] (t', d) holds the true hidden states after j blocks (j = 0..upto) of one
+        sequence, own (c, t', d) c candidate inputs per position; returns upto tensors
+        (c, t', d), the j-th the states after block j + 1. Causality makes position t's
+        output depend only on inputs <= t, so "the true prefix, then own[:, t]" decides it.
+        This generic version runs every prefix through the blocks (c t'^2 / 2 positions
+        per block); a family may override it with a fast path that reuses the true prefix
+        (the results must agree to rounding: tests/test_exact.py).
+        """
+        n_own, t_own, _ = own.shape
+        out = [own.new_empty(own.shape) for _ in range(upto)]
+        for t in range(t_own):
+            h = torch.cat([states[0][None, :t].expand(n_own, t, -1), own[:, t:t + 1]], 1)  # (c, t + 1, d)
+            for j in range(upto):
+                h = self.run_blocks(h, j, j + 1)
+                out[j][:, t] = h[:, t]
+        return out
 
     @abc.abstractmethod
     def forward(self, ids: Tensor) -> Tensor:

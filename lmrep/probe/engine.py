@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from lmrep import metrics, schema
+from lmrep.probe.exact import ExactSolver
 from lmrep.probe.gradient import GradientSolver
 from lmrep.probe.results import ProbeResult
 from lmrep.probe.rows import RowLayout
-from lmrep.probe.settings import ProbeSettings
+from lmrep.probe.settings import EXACT, ProbeSettings
 from lmrep.probe.solver import Answers, Solver
 from models.surface import ProbeSurface, check_block_range, check_length
 
@@ -103,7 +104,7 @@ def probe(
     prompt_lengths (B,) gives real lengths of right-padded prompts (default: all T);
     prompt_indices (B,) names the prompts (default 0..B-1) and seeds their start
     noise; pinv is a precomputed pinv(W_E) (d, V); solver answers the rows
-    (default: the gradient solver); on_chunk(n) is called after each chunk of n rows.
+    (default: the exact solver for method=exact, else the gradient solver); on_chunk(n) is called after each chunk of n rows.
     """
     indices, lengths = _check_request(model, prompt_ids, blocks, masks, prompt_indices, prompt_lengths,
                                       settings.allowed_tokens)
@@ -113,7 +114,8 @@ def probe(
     settings = settings.resolved(model, float(w_e.std()))
     if pinv is None:
         pinv = torch.linalg.pinv(w_e)  # (d, V): once per probe call, never per step
-    solver = solver or GradientSolver()
+    if solver is None:
+        solver = ExactSolver(pad_token_id) if settings.method == EXACT else GradientSolver()
     t_ctx = model.context_length if settings.context == "padded" else t_prompt
 
     positions = torch.arange(t_ctx, device=device)

@@ -32,10 +32,11 @@ class ProbeResult:
         raise AttributeError(f"{type(self).__name__} has no column {name!r}")
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict of plain Python values per row: the schema's engine and derived columns, then the settings."""
+        """One dict of plain Python values per row: the schema's engine, solver and derived columns, then the settings."""
         record = self.settings.as_record()
         values = self.values
-        engine_columns = [c for c in schema.COLUMNS if c.source in (schema.ENGINE, schema.DERIVED) and c.name in values]
+        engine_columns = [c for c in schema.COLUMNS if c.source in (schema.ENGINE, schema.SOLVER, schema.DERIVED)
+                          and c.name in values]
         out = []
         for r in range(self.real_mask.shape[0]):
             n_real = int(values["n_real"][r])

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lmrep import metrics
 from lmrep.probe.inputs import INPUTS
-from lmrep.probe.settings import ProbeSettings
+from lmrep.probe.settings import EXACT, ProbeSettings
 from models.surface import ProbeSurface
 
 CPU_CHUNK_POSITIONS = 2048
@@ -177,9 +177,10 @@ class RowLayout:
 
         device, dtype = w_e.device, w_e.dtype
         # Drawn at full context length and cut, so a prompt's start does not depend on T either.
-        init_shape = (model.context_length, INPUTS[settings.method].width(d, vocab))
+        width = INPUTS[settings.method].width(d, vocab) if settings.method in INPUTS else 0  # exact: no start
+        init_shape = (model.context_length, width)
         init = prompt_noise(prompt_indices, init_shape, settings.seed, STREAM_INIT, device, dtype)
-        init = init[:, :t_ctx] * settings.init_scale
+        init = init[:, :t_ctx] * (settings.init_scale or 1.0)
         shift = prompt_noise(prompt_indices, (model.context_length, d), settings.seed, STREAM_SHIFT, device, dtype)
         shift = shift[:, :t_ctx] * (settings.baseline_shift * float(w_e.std()))
         return cls(ids=ids, real=real, embeds=embeds, targets=targets, init=init, shift=shift, block_list=block_list,
@@ -191,8 +192,14 @@ class RowLayout:
         """All rows of the probe call."""
         return self.row_b.shape[0]
 
-    def chunk_size(self, max_rows: int | None) -> int:
-        """Rows per chunk: max_rows, else all on a GPU, else about CPU_CHUNK_POSITIONS positions on a CPU."""
+    def chunk_size(self, max_rows: int | None, method: str = "") -> int:
+        """Rows per chunk: max_rows, else all on a GPU, else about CPU_CHUNK_POSITIONS positions on a CPU.
+
+        The exact solver takes every row at once (it shares one candidate pass among the
+        blocks and masks of a prompt) and bounds its memory by candidate batches instead.
+        """
+        if method == EXACT:
+            return self.n_rows
         if max_rows is not None:
             return max_rows
         if self.ids.device.type == "cpu":
@@ -203,7 +210,7 @@ class RowLayout:
         """The rows in order, as chunks of `chunk_size(settings.max_rows)` rows."""
         device = self.ids.device
         positions = torch.arange(self.ids.shape[1], device=device)
-        size = self.chunk_size(settings.max_rows)
+        size = self.chunk_size(settings.max_rows, settings.method)
         for start in range(0, self.n_rows, size):
             sl = slice(start, min(start + size, self.n_rows))
             rb, rp = self.row_b[sl].to(device), self.row_p[sl].to(device)

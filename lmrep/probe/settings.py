@@ -9,7 +9,8 @@ from typing import Any
 from lmrep.probe.inputs import INPUTS
 from models.surface import ProbeSurface
 
-METHODS = tuple(INPUTS)
+EXACT = "exact"  # the exact solver (lmrep.probe.exact): every candidate token scored, no optimisation
+METHODS = (*INPUTS, EXACT)
 LOSSES = ("l1", "l2", "cosine", "mix")
 OPTIMIZERS = ("adam", "gd")
 CONTEXTS = ("prompt", "padded")
@@ -23,7 +24,10 @@ class ProbeSettings:
 
     method: str = "embedding"
     """embedding: optimise x in embedding space, decode x @ pinv(W_E); onehot: optimise
-    vocabulary-sized logits a, x = softmax(a) @ W_E, decode argmax/top-k of a."""
+    vocabulary-sized logits a, x = softmax(a) @ W_E, decode argmax/top-k of a; exact: no optimisation,
+    every candidate token is scored at every position with the others held at their true tokens
+    (identifiability, the ceiling under the gradient methods; lmrep.probe.exact). lr, steps,
+    optimizer, init_scale and patience do not apply to exact."""
     loss_fn: str = "l1"
     """Distance between block outputs: l1 | l2 | cosine | mix ((1-w) l1 + w cosine)."""
     mix_weight: float = 0.5
@@ -93,6 +97,8 @@ class ProbeSettings:
 
     def resolved(self, surface: ProbeSurface | type[ProbeSurface], embedding_std: float | None = None) -> ProbeSettings:
         """A copy with None defaults filled in: lr from the family's `probe_lr`, init_scale from the embedding std."""
+        if self.method == EXACT:  # nothing is optimised: no lr, no start
+            return dataclasses.replace(self)
         lr = self.lr
         if lr is None:
             lr = surface.probe_lr.get((self.method, self.optimizer))
