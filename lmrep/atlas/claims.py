@@ -115,8 +115,10 @@ def judge(rule: dict[str, Any], cells: Sequence[dict[str, Any]], protocol: str) 
     got = reduce([c[metric] for c in chosen])
     evidence = [f"{protocol}: {rule.get('reduce', 'mean')} {metric} over {len(chosen)} cells = {got:.2f}, "
                 f"needs {op} {value:.2f}"]
-    # The cells that decide: those nearest the threshold first.
-    nearest = sorted(chosen, key=lambda c: abs(c[metric] - value))[:SHOWN_CELLS]
+    # The cells that decide: the lowest for a min, the highest for a max, else those nearest the threshold.
+    order = {"min": lambda c: c[metric], "max": lambda c: -c[metric]}.get(rule.get("reduce", "mean"),
+                                                                         lambda c: abs(c[metric] - value))
+    nearest = sorted(chosen, key=order)[:SHOWN_CELLS]
     evidence += [f"  {describe(c, metric)}" for c in nearest]
     return Judgement(OPS[op](got, value), evidence)
 

@@ -101,7 +101,7 @@ def run_facts(preset: AtlasPreset, prompts: PromptSet, log: StageLog, times: dic
                          ",".join(str(m) for m in preset.masks if m < min(lengths))] for w in preset.untrained]))
     t = preset.trained
     tokens = t.max_steps * t.batch_size * t.context_length
-    epochs = sorted({f"{t.max_steps / v['batches_per_epoch']:.2f}" for v in val.values() if v.get("batches_per_epoch")})
+    epochs = sorted({f"{t.max_steps / v['batches_per_epoch']:.3g}" for v in val.values() if v.get("batches_per_epoch")})
     parts.append(heading("Trained families", 3))
     parts.append(para(f"Families {', '.join(f.name for f in t.families) or 'none'} at d_model "
                       f"{', '.join(map(str, t.d_models))}, {t.n_blocks} blocks, context {t.context_length}, the same "
