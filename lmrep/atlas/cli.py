@@ -93,7 +93,8 @@ def resolve_device(device: str) -> str:
 
 def load_prompts(preset: AtlasPreset, tokenizer: Any) -> PromptSet:
     """The source's prompt(s) first, then the validation stories, all cut to T tokens."""
-    stories = validation_prompts(preset.prompts.stories, preset.data.data_dir) if preset.prompts.stories else []
+    stories = validation_prompts(preset.prompts.stories, preset.data.source, preset.data.data_dir,
+                                 cache_dir=preset.data.cache_dir) if preset.prompts.stories else []
     return encode_prompts([*preset.prompts.extra, *stories], tokenizer, max_tokens=preset.prompts.tokens)
 
 

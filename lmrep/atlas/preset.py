@@ -24,8 +24,8 @@ SOURCE_PROMPT = "Mario, the Idea, versus Mario, the Man"  # the prompt the sourc
 class DataSpec:
     """Where the stories come from, and where the tokenizer and tokenized data are cached."""
 
-    source: str = "local"
-    """local (a folder of shards: data_dir or $LMREP_DATA_DIR) or hub (roneneldan/TinyStories)."""
+    source: str = "auto"
+    """auto (the local folder when found, else the hub), local (data_dir or $LMREP_DATA_DIR) or hub."""
     data_dir: str | None = None
     """The local TinyStories folder (default: $LMREP_DATA_DIR, else ../shared/data/tinystories)."""
     cache_dir: str = ".cache/lmrep"
