@@ -60,6 +60,10 @@ class Protocol:
     """ProbeSettings.method; a method this lmrep does not have (e.g. exact) is reported as not available."""
     source: bool = False
     """True for the protocol the source itself used (padded, every position free)."""
+    max_mask: int | None = None
+    """The largest mask m this protocol measures (None: every mask of the stage). The exact solver is exhaustive
+    up to m = 1; beyond, its coordinate search sweeps the vocabulary per masked position, the atlas's costliest
+    cell, so a preset may stop it there."""
 
     def settings(self, base: ProbeSettings) -> ProbeSettings | None:
         """The probe settings of this protocol, or None where ProbeSettings does not accept them."""
@@ -69,8 +73,10 @@ class Protocol:
             return None
 
     def masks(self, masks: list[int]) -> list[int]:
-        """The masks this protocol measures: free=masked optimises only positions < m, so m = 0 has nothing."""
-        return [m for m in masks if m > 0] if self.free == "masked" else list(masks)
+        """The masks this protocol measures: those up to max_mask; free=masked optimises only positions < m, so
+        m = 0 has nothing."""
+        kept = [m for m in masks if self.max_mask is None or m <= self.max_mask]
+        return [m for m in kept if m > 0] if self.free == "masked" else kept
 
 
 @dataclass
