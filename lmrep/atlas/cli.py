@@ -53,12 +53,20 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str, required=True, help="output folder (re-run the command to resume)")
     parser.add_argument("--stages", type=list[str], default=["untrained", "trained"],
                         help="stages to run before the report: untrained and/or trained")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the preset's estimated run time (work counted x rates measured here) and stop")
     parser.add_class_arguments(AtlasPreset, None)
     return parser
 
 
 def parse(argv: list[str]) -> tuple[AtlasPreset, Path, list[str]]:
     """A command line -> (preset, output folder, stages); --preset NAME is read first, later flags override it."""
+    preset, out, stages, _ = parse_all(argv)
+    return preset, out, stages
+
+
+def parse_all(argv: list[str]) -> tuple[AtlasPreset, Path, list[str], bool]:
+    """parse, and whether --estimate was given."""
     args: list[str] = []
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
@@ -79,7 +87,7 @@ def parse(argv: list[str]) -> tuple[AtlasPreset, Path, list[str]]:
     bad = sorted(set(cfg.stages) - {"untrained", "trained"})
     if bad:
         raise ValueError(f"unknown stage(s) {', '.join(bad)}: choose untrained and/or trained")
-    return preset, Path(cfg.out), list(cfg.stages)
+    return preset, Path(cfg.out), list(cfg.stages), bool(cfg.estimate)
 
 
 def resolve_device(device: str) -> str:
@@ -96,6 +104,21 @@ def load_prompts(preset: AtlasPreset, tokenizer: Any) -> PromptSet:
     stories = validation_prompts(preset.prompts.stories, preset.data.source, preset.data.data_dir,
                                  cache_dir=preset.data.cache_dir) if preset.prompts.stories else []
     return encode_prompts([*preset.prompts.extra, *stories], tokenizer, max_tokens=preset.prompts.tokens)
+
+
+def print_estimate(preset: AtlasPreset, out: Path) -> str:
+    """The preset's estimated cost (lmrep.atlas.estimate), printed and kept in `out/estimate.txt`."""
+    from data.tinystories import TinyStoriesDataModule
+    from lmrep.atlas.estimate import estimate, format_estimate
+
+    device = resolve_device(preset.device)
+    dm = TinyStoriesDataModule(source=preset.data.source, data_dir=preset.data.data_dir,
+                               cache_dir=preset.data.cache_dir)
+    text = format_estimate(estimate(preset, load_prompts(preset, dm.tokenizer), dm.tokenizer, device), preset)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "estimate.txt", text + "\n")
+    print(text)
+    return text
 
 
 def run(preset: AtlasPreset, out: Path, stages: list[str]) -> dict[str, Path]:
@@ -131,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("LMREP_DEBUG"))
     try:
-        preset, out, stages = parse(argv)
-        run(preset, out, stages)
+        preset, out, stages, only_estimate = parse_all(argv)
+        if only_estimate:
+            print_estimate(preset, out)
+        else:
+            run(preset, out, stages)
     except KeyboardInterrupt:
         print("interrupted: every finished probe and checkpoint is kept; run the same command to resume",
               file=sys.stderr)

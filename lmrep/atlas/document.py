@@ -90,9 +90,12 @@ def run_facts(preset: AtlasPreset, prompts: PromptSet, log: StageLog, times: dic
         ["work time (this --out, all runs)", ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) or "none"],
         ["this invocation", f"{wall / 60:.1f} min"]])]
     parts.append(heading("Protocols", 3))
-    parts.append(table(["name", "what", "context", "free", "method", "masks up to", "available"],
+    parts.append(table(["name", "what", "context", "free", "method", "masks up to", "widths up to", "prompts",
+                        "available"],
                        [[p.name, p.label + (" (the source's)" if p.source else ""), p.context, p.free, p.method,
                          "all" if p.max_mask is None else p.max_mask,
+                         "all" if p.max_d_model is None else p.max_d_model,
+                         len(p.prompt_set(prompts)),
                          "yes" if p.settings(preset.probe) is not None else "**not available** in this lmrep"]
                         for p in preset.protocols]))
     parts.append(heading("Untrained sweeps", 3))

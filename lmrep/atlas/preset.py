@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmrep.probe import ProbeSettings
+from lmrep.prompts import PromptSet
 
 DEVICES = ("auto", "cpu", "cuda")
 SOURCE_PROMPT = "Mario, the Idea, versus Mario, the Man"  # the prompt the source inverted throughout
@@ -64,6 +65,11 @@ class Protocol:
     """The largest mask m this protocol measures (None: every mask of the stage). The exact solver is exhaustive
     up to m = 1; beyond, its coordinate search sweeps the vocabulary per masked position, the atlas's costliest
     cell, so a preset may stop it there."""
+    max_d_model: int | None = None
+    """The widest model this protocol measures (None: every width); the exact solver's cost grows with d^2."""
+    prompts: int | None = None
+    """Only the first N prompts (the source's prompt first; None: all): the exact solver costs a vocabulary sweep
+    per prompt, where the gradient methods batch them."""
 
     def settings(self, base: ProbeSettings) -> ProbeSettings | None:
         """The probe settings of this protocol, or None where ProbeSettings does not accept them."""
@@ -71,6 +77,19 @@ class Protocol:
             return dataclasses.replace(base, context=self.context, free=self.free, method=self.method)
         except ValueError:
             return None
+
+    def prompt_set(self, prompts: PromptSet) -> PromptSet:
+        """The prompts this protocol measures: the first `prompts` of the set, or all of it."""
+        if self.prompts is None or self.prompts >= len(prompts):
+            return prompts
+        if self.prompts < 1:
+            raise ValueError(f"protocol {self.name}: prompts must be >= 1, got {self.prompts}")
+        n = self.prompts
+        return PromptSet(ids=prompts.ids[:n], lengths=prompts.lengths[:n], texts=prompts.texts[:n])
+
+    def measures(self, d_model: int) -> bool:
+        """Whether this protocol measures a model of this width."""
+        return self.max_d_model is None or d_model <= self.max_d_model
 
     def masks(self, masks: list[int]) -> list[int]:
         """The masks this protocol measures: those up to max_mask; free=masked optimises only positions < m, so

@@ -89,6 +89,10 @@ def probe_dir(sources: list[ModelSource], meta: dict[str, dict[str, Any]], promp
         if note not in log.unavailable:
             log.unavailable.append(note)
         return
+    sources = [s for s in sources if protocol.measures(int(meta[s.source_id]["d_model"]))]
+    if not sources:
+        return
+    prompts = protocol.prompt_set(prompts)
     out = folder / f"{protocol.name}-{settings_id(settings, prompts)}"
     masks = protocol.masks(masks)
     todo = {(s.source_id, protocol.context, b, m) for s in sources for b in blocks for m in masks}
