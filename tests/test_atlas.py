@@ -159,6 +159,11 @@ def test_every_preset_parses_and_names_every_claim(name: str, tmp_path: Path) ->
         assert preset.prompts.stories >= 32
         families = {f.name for f in preset.trained.families}
         assert families == {"llama", "flat", "expanded", "parallel"}
+        flat = {d for w in preset.untrained if w.config.get("mixing") == "flat" for d in w.d_models}
+        assert {32, 64, 128, 256, 512} <= flat
+    if name == "gpu":
+        assert 1024 in flat and preset.trained.d_models == [256, 512]
+        assert any(w.config.get("n_blocks") == 24 for w in preset.untrained)
         for sweep in preset.untrained:
             assert len(sweep.seeds) == 3, sweep.name  # seed-averaged over 3 model seeds
 
@@ -226,6 +231,21 @@ def test_tiny_atlas_writes_every_output_and_skips_what_is_done(tmp_path: Path, d
     third = capsys.readouterr().out
     assert third.count(" probed: ") == 1 and third.count("done already") == 1
     assert len(read_results(victim.parent)) == len(lines)
+
+
+def test_estimate_counts_the_work_and_writes_it(tmp_path: Path, data_cache: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    config, out = tiny_preset(tmp_path, data_cache), tmp_path / "atlas"
+    assert main(["--preset", str(config), "--out", str(out), "--estimate"]) == 0
+    text = capsys.readouterr().out
+    # 2 seeds x 2 prompts x block 1 x masks 0, 1 = 8 rows under each protocol; nothing trained or probed.
+    lines = [line for line in text.splitlines() if "flat-n1 d=32" in line]
+    assert len(lines) == 2 and all(" 8 probe rows " in line for line in lines)
+    seconds_each = [float(line.split(" x ")[1].split(" s ")[0]) for line in lines]
+    assert all(s > 0 for s in seconds_each)  # measured, not assumed
+    total = next(line for line in text.splitlines() if line.strip().startswith("total:"))
+    assert total in (out / "estimate.txt").read_text()
+    assert not (out / "untrained").exists() and not (out / "atlas.csv").exists()  # an estimate runs no stage
 
 
 # --- the smoke preset end to end ------------------------------------------------------------------------------

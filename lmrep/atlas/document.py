@@ -113,7 +113,8 @@ def run_facts(preset: AtlasPreset, prompts: PromptSet, log: StageLog, times: dic
                       f"{t.max_steps} steps of {t.batch_size} x {t.context_length} tokens = {tokens:,} training "
                       f"tokens each ({' / '.join(epochs) or '?'} epochs of the training split); checkpoints "
                       f"probed at steps {', '.join(map(str, t.schedule.steps(t.max_steps)))}; blocks "
-                      f"{', '.join(map(str, t.blocks))}, masks {', '.join(map(str, t.masks))}."))
+                      f"{', '.join(map(str, t.blocks))}, masks {', '.join(map(str, t.masks))}, "
+                      f"{'every prompt' if t.prompts is None else f'the first {t.prompts} prompts'}."))
     if log.unavailable:
         parts.append(para("Not measured: " + "; ".join(log.unavailable) + "."))
     return parts

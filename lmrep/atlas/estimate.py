@@ -162,6 +162,8 @@ def estimate(preset: AtlasPreset, prompts: PromptSet, tokenizer: Any, device: st
                                       len(sweep.seeds) * len(protocol.prompt_set(prompts)) * len(blocks) * len(masks),
                                       "probe rows", each))
     training = preset.trained
+    if training.prompts is not None:
+        prompts = Protocol("trained", "", prompts=training.prompts).prompt_set(prompts)
     train_masks = [m for m in training.masks if m < int(prompts.lengths.min())]
     blocks = resolve_blocks(training.blocks, training.n_blocks)
     checkpoints = len(training.schedule.steps(training.max_steps))

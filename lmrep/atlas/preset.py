@@ -181,6 +181,9 @@ class Training:
     """Blocks to invert at every checkpoint."""
     masks: list[int] = field(default_factory=lambda: [0, 1, 3])
     """Masks to probe at every checkpoint."""
+    prompts: int | None = None
+    """Probe the checkpoints on the first N prompts only (None: all; the source's prompt is first). A trained
+    family has a probe per checkpoint, the atlas's largest share of work on a small machine."""
 
 
 @dataclass

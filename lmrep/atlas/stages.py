@@ -150,6 +150,8 @@ def trained_stage(preset: AtlasPreset, prompts: PromptSet, tokenizer: Any, tok_h
                   log: StageLog, on_probed: Callable[[str, Path, list[ProbedDir]], None] | None = None) -> None:
     """Every family x width: train on the schedule (or find it trained), then probe every checkpoint per protocol."""
     training = preset.trained
+    if training.prompts is not None:
+        prompts = Protocol("trained", "", prompts=training.prompts).prompt_set(prompts)
     masks = [m for m in training.masks if m < int(prompts.lengths.min())]
     blocks = resolve_blocks(training.blocks, training.n_blocks)
     for d in training.d_models:
