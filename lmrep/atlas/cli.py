@@ -114,10 +114,12 @@ def print_estimate(preset: AtlasPreset, out: Path) -> str:
     device = resolve_device(preset.device)
     dm = TinyStoriesDataModule(source=preset.data.source, data_dir=preset.data.data_dir,
                                cache_dir=preset.data.cache_dir)
-    text = format_estimate(estimate(preset, load_prompts(preset, dm.tokenizer), dm.tokenizer, device), preset)
+    items = estimate(preset, load_prompts(preset, dm.tokenizer), dm.tokenizer, device)  # prints each item
+    text = format_estimate(items, preset)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "estimate.txt", text + "\n")
-    print(text)
+    print(format_estimate(items, preset, with_items=False))
+    print(f"estimate: {out / 'estimate.txt'}")
     return text
 
 

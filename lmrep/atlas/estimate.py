@@ -191,11 +191,11 @@ def estimate(preset: AtlasPreset, prompts: PromptSet, tokenizer: Any, device: st
     return items
 
 
-def format_estimate(items: list[Item], preset: AtlasPreset) -> str:
-    """The estimate as lines: every item, each stage's total and the whole, in minutes."""
+def format_estimate(items: list[Item], preset: AtlasPreset, *, with_items: bool = True) -> str:
+    """The estimate as lines: every item (unless with_items is False), each stage's total and the whole."""
     lines = [f"estimate for the {preset.name} preset (budget: {preset.budget or 'not stated'}); rates measured "
              f"now on this machine, probes at their costliest cell:"]
-    lines += [format_item(item) for item in items]
+    lines += [format_item(item) for item in items] if with_items else []
     stages: dict[str, float] = {}
     for item in items:
         stages[item.stage] = stages.get(item.stage, 0.0) + item.seconds
