@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:  # `python benchmarks/<name>.py` from a fresh clon
 
 from data.files import write_text_atomic  # noqa: E402
 from lmrep.module import next_token_loss, warmup_cosine, weight_decay_groups  # noqa: E402
+from lmrep.configs import read_config  # noqa: E402
 from models import build_model  # noqa: E402
 
 RESULTS_DIR = REPO / "runs" / "benchmarks"
@@ -53,7 +54,8 @@ DEFAULT_CACHE = REPO / ".cache" / "lmrep"
 MATMUL_SIZE = 1024  # square fp32 matmul used to measure the machine's peak
 TRAIN_FACTOR = 3  # forward + input gradient + weight gradient
 PROBE_FACTOR = 2  # forward + input gradient (frozen weights)
-TRAIN_LR = {"mixer": 3e-3, "llama": 2e-3}  # the peak lrs of configs/quickstart.yaml and configs/llama.yaml
+# The training config whose peak lr a benchmark family trains with (read, never copied: see train_lr).
+TRAIN_CONFIGS = {"mixer": "mixer_flat.yaml", "llama": "llama.yaml"}
 
 
 # ---------------------------------------------------------------- output
@@ -165,8 +167,13 @@ def data_module(cache_dir: str | Path = DEFAULT_CACHE, context_length: int = 128
     return dm
 
 
-def validation_prompts(dm: TinyStoriesDataModule, n: int, t: int) -> Tensor:
-    """The first n validation stories with at least t tokens, cut to t tokens: (n, t) long."""
+def train_lr(family: str) -> float:
+    """The peak lr that the family's training config (configs/, over base.yaml) trains with."""
+    return float(read_config(REPO / "configs" / TRAIN_CONFIGS[family])["model"]["lr"])
+
+
+def validation_prompt_ids(dm: TinyStoriesDataModule, n: int, t: int) -> Tensor:
+    """The first n validation stories (dm.validation_texts) with at least t tokens, cut to t tokens: (n, t) long."""
     rows: list[list[int]] = []
     want = n
     while len(rows) < n:

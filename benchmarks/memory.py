@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     DEFAULT_CACHE, data_module, default_out, make_model, own_peak_rss_kib, peak_rss_mib_of, print_table,
-    validation_prompts, write_json,
+    validation_prompt_ids, write_json,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -45,7 +45,7 @@ def child(args: argparse.Namespace) -> None:
         model = load_checkpoint(args.checkpoint).model
     else:
         model = make_model(args.family, args.d, args.blocks, args.context, seed=0)
-    prompts = validation_prompts(dm, args.prompts, args.prompt_len)
+    prompts = validation_prompt_ids(dm, args.prompts, args.prompt_len)
     if args.child.startswith("probe"):
         context = args.child.split("-", 1)[1]
         settings = ProbeSettings(context=context, steps=args.steps, max_rows=args.max_rows)

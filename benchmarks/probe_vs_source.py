@@ -44,8 +44,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_CACHE, TRAIN_LR, cycle, data_module, default_out, make_model, matmul_gflops, print_table,
-    probe_flops_per_step, synchronize, train_plain, validation_prompts, write_json,
+    DEFAULT_CACHE, cycle, data_module, default_out, make_model, matmul_gflops, print_table,
+    probe_flops_per_step, synchronize, train_lr, train_plain, validation_prompt_ids, write_json,
 )
 from lmrep.checkpoints import load_checkpoint  # noqa: E402
 from lmrep.probe import LR_FINAL_FRACTION, ProbeSettings, probe  # noqa: E402
@@ -145,7 +145,7 @@ def get_model(family: str, state: str, args: argparse.Namespace, dm: Any) -> nn.
     model = make_model(family, args.d, args.blocks, args.context, seed=args.seed)
     if state == "trained":
         torch.manual_seed(args.seed)
-        train_plain(model, cycle(dm.train_dataloader()), args.train_steps, lr=TRAIN_LR[family],
+        train_plain(model, cycle(dm.train_dataloader()), args.train_steps, lr=train_lr(family),
                     warmup=max(1, args.train_steps // 10))
     return model.eval().to(args.device)
 
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              f"fewer than {args.prompts} x {args.prompt_len}")
     else:
         assert dm is not None
-        prompts, pad = validation_prompts(dm, args.prompts, args.prompt_len), dm.pad_token_id
+        prompts, pad = validation_prompt_ids(dm, args.prompts, args.prompt_len), dm.pad_token_id
     peak = matmul_gflops(device=args.device)
     rows = []
     for family in args.families:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     DEFAULT_CACHE, data_module, default_out, make_model, matmul_gflops, print_table, probe_flops_per_step,
-    validation_prompts, write_json,
+    validation_prompt_ids, write_json,
 )
 from lmrep.probe import ProbeSettings, probe  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run both sweeps, print the tables, write the JSON; returns the payload."""
     args = parse_args(argv)
     dm = data_module(args.cache_dir, args.context)
-    prompts = validation_prompts(dm, max(*args.prompt_counts, args.fixed_prompts), args.prompt_len)
+    prompts = validation_prompt_ids(dm, max(*args.prompt_counts, args.fixed_prompts), args.prompt_len)
     model = make_model(args.family, args.d, args.blocks, args.context, seed=args.seed).eval()
     pad = dm.pad_token_id
     peak = matmul_gflops()

@@ -37,8 +37,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_CACHE, TRAIN_LR, adamw_like_module, data_module, default_out, make_model, matmul_gflops, print_table,
-    train_flops_per_token, write_json,
+    DEFAULT_CACHE, adamw_like_module, data_module, default_out, make_model, matmul_gflops, print_table,
+    train_flops_per_token, train_lr, write_json,
 )
 from lmrep.callbacks import TokensPerSecond  # noqa: E402
 from lmrep.checkpoints import CheckpointSchedule, StepCheckpoint  # noqa: E402
@@ -78,7 +78,7 @@ def run_plain(family: str, args: argparse.Namespace, dm: Any) -> dict[str, Any]:
     """The plain loop over the same DataLoader; tokens/s."""
     model = make_model(family, args.d, args.blocks, args.context, seed=args.seed)
     model.train()
-    opt = adamw_like_module(model, TRAIN_LR[family])
+    opt = adamw_like_module(model, train_lr(family))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(WARMUP_STEPS, args.steps, 0.1))
     starts: list[float] = []
     loader = iter(dm.train_dataloader())
@@ -99,7 +99,7 @@ def run_plain(family: str, args: argparse.Namespace, dm: Any) -> dict[str, Any]:
 def run_lightning(family: str, args: argparse.Namespace, dm: Any, variant: str) -> dict[str, Any]:
     """The LightningModule under the Trainer; `variant` full | no_logger | no_callbacks | bare."""
     model = make_model(family, args.d, args.blocks, args.context, seed=args.seed)
-    module = LanguageModelModule(model, lr=TRAIN_LR[family], warmup_steps=WARMUP_STEPS)
+    module = LanguageModelModule(model, lr=train_lr(family), warmup_steps=WARMUP_STEPS)
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="lmrep-bench-") as tmp:
         callbacks: list[L.Callback] = [clock]

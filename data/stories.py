@@ -164,6 +164,12 @@ def hub_stories(split: Split, n: int, cache_dir: str | Path = DEFAULT_CACHE_DIR)
     return stories
 
 
+def validation_stories(source: str, data_dir: str | Path | None, n: int, *,
+                       cache_dir: str | Path = DEFAULT_CACHE_DIR) -> list[str]:
+    """The first n validation stories: the one source of default prompts (probe.py, ProbeCallback, benchmarks)."""
+    return first_stories(source, data_dir, "validation", n, cache_dir=cache_dir)
+
+
 def first_stories(source: str, data_dir: str | Path | None, split: Split, n: int | None = None, *,
                   cache_dir: str | Path = DEFAULT_CACHE_DIR) -> list[str]:
     """The first n stories of a split (None: all of a local folder, HUB_STORIES[split] of the hub)."""

@@ -42,6 +42,7 @@ from data.stories import (
     first_stories,
     resolve_source,
     split_files,
+    validation_stories,
 )
 from data.tokenizer import (
     VOCAB_SIZE,
@@ -53,7 +54,7 @@ from data.tokenizer import (
 # The hub tokenizer is trained on this many first training stories whatever a run takes, so that runs
 # over more or fewer hub stories share one tokenizer (and their checkpoints stay comparable).
 HUB_TOKENIZER_STORIES = HUB_STORIES["train"]
-IGNORE_INDEX = -100  # labels at this value are skipped by torch's cross-entropy
+IGNORE_INDEX = -100  # label of padding positions, skipped by the loss (torch cross-entropy, HF convention)
 # Bump when the tokenized layout changes, so old caches are not read as new ones.
 CACHE_FORMAT = 1
 _MAP_BATCH = 1000  # stories per datasets.map batch
@@ -403,6 +404,4 @@ class TinyStoriesDataModule(L.LightningDataModule):
 
     def validation_texts(self, n: int) -> list[str]:
         """The first n validation stories as raw text (default prompts for the probe)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        return first_stories(self.source, self.data_dir, "validation", n, cache_dir=self.cache_dir)
+        return validation_stories(self.source, self.data_dir, n, cache_dir=self.cache_dir)

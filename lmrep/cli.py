@@ -12,7 +12,6 @@ bad input ends in one `error: ...` line (exit code 2) unless LMREP_DEBUG=1.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from lightning.pytorch.trainer import Trainer
 from data.tinystories import TinyStoriesDataModule
 from lmrep.checkpoints import SafeCheckpointIO, check_resume, read_metadata
 from lmrep.module import LanguageModelModule
+from models import model_class
 
 DEFAULT_LOGGER = "lmrep.loggers.RunLogger"
 DEBUG_ENV = "LMREP_DEBUG"  # set to 1 for full tracebacks instead of one-line errors
@@ -54,10 +54,7 @@ class TrainCLI(LightningCLI):
         model_cfg = cfg.model.model.init_args.config
         # Build the config dataclass now: its range errors must come before the logger
         # (instantiated first) creates the run directory.
-        module, _, name = cfg.model.model.class_path.rpartition(".")  # already resolved by the parser
-        model_class = getattr(importlib.import_module(module), name)
-        if isinstance(getattr(model_class, "config_class", None), type):
-            model_class.config_class(**model_cfg.as_dict())
+        model_class(cfg.model.model.class_path).config_class(**model_cfg.as_dict())  # the family registry's class
         if cfg.data.context_length is None:
             cfg.data.context_length = model_cfg.context_length
         elif cfg.data.context_length > model_cfg.context_length:

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from data.tinystories import IGNORE_INDEX
 from lmrep.checkpoints import CHECKPOINT_KEY, check_resume, checkpoint_metadata
 from models import SurfaceModel
 
-IGNORE_INDEX = -100  # label value of padding positions (HF convention)
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
 
 

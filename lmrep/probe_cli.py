@@ -35,6 +35,7 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace, set_parsing_settings
 
+from lmrep.configs import read_config
 from lmrep.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
 from lmrep.pipeline import ProbePlan, WandbRun, probe_and_report
 from lmrep.probe import CONTEXTS, ProbeSettings, calibrate_lr
@@ -100,9 +101,7 @@ class ProbeRequest:
 def _family_of_config(init: str) -> tuple[type, dict[str, Any], dict[str, Any]]:
     """The model family class named by a training config, its config values there, and the config's data section."""
     path = Path(init)
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = read_config(path)  # a family file over configs/base.yaml, as train.py reads it
     try:
         spec = cfg["model"]["model"]
         class_path, config = spec["class_path"], dict(spec["init_args"]["config"])

@@ -57,11 +57,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
 def validation_prompts(n: int, source: str = "auto", data_dir: str | Path | None = None, *,
                        cache_dir: str | Path | None = None) -> list[str]:
     """The first n TinyStories validation stories (the default prompt set), from the source a run would use."""
-    from data.stories import DEFAULT_CACHE_DIR, announce, describe_source, first_stories, resolve_source
+    from data.stories import DEFAULT_CACHE_DIR, announce, describe_source, resolve_source, validation_stories
 
     resolved, folder = resolve_source(source, data_dir)
     announce(describe_source(source, resolved, folder, {"validation": n}))
-    return first_stories(resolved, folder, "validation", n, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
+    return validation_stories(resolved, folder, n, cache_dir=cache_dir or DEFAULT_CACHE_DIR)
 
 
 def parse_blocks(spec: str | Sequence[int], n_blocks: int) -> list[int]:

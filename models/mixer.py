@@ -78,9 +78,8 @@ class SequenceLinear(nn.Module):
         n_in = x.shape[1]
         # The mask is applied here, inside autograd: masked entries never act and never get a gradient.
         weight = self.weight.masked_fill(~self.mask, 0.0)[:n_out, :n_in]  # (n_out, n_in')
-        # One batched product with the weight and bias broadcast over the batch (stride-0 views):
-        # torch.matmul(weight, x) folds (n, n) @ (b, n, d) into a product over transposed copies
-        # of x and of its result, which made the mixing 2x slower (forward + backward, 2 cores).
+        # One batched product with the weight and bias broadcast over the batch (stride-0 views), not
+        # torch.matmul(weight, x), which copies x transposed: benchmarks/RESULTS.md, sections 2-3.
         b = x.shape[0]
         bias = self.bias[:n_out, None].expand(b, n_out, 1)
         return torch.baddbmm(bias, weight.expand(b, -1, -1), x)  # (b, n_out, d)

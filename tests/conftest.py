@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
+from lmrep.configs import read_config
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_CONSOLE", "off")
@@ -30,7 +32,7 @@ def tiny_config(path: Path, family: str, run_dir: Path, cache: Path, *, steps: i
                 val_every: int | None = None, d: int = 32, blocks: int = 2, context: int = 32,
                 batch_size: int = 8, callbacks: list[dict[str, Any]] | None = None) -> Path:
     """Write a short, quiet, self-contained training config derived from a family's YAML in configs/."""
-    cfg = yaml.safe_load((REPO / "configs" / FAMILY_CONFIGS[family]).read_text())
+    cfg = read_config(REPO / "configs" / FAMILY_CONFIGS[family])
     model = cfg["model"]["model"]["init_args"]["config"]
     model.update(d_model=d, n_blocks=blocks, context_length=context)
     if family == "llama":

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 import models
 from lmrep.checkpoints import load_checkpoint
 from lmrep.cli import main as train_main
+from lmrep.configs import BASE_CONFIG, read_config
 from lmrep.probe import ProbeSettings, probe
 from lmrep.probe_cli import main as probe_main
 from lmrep.runs import read_results
@@ -38,7 +39,9 @@ def yaml_specs() -> dict[str, tuple[str, dict]]:
     """One tiny spec per distinct model of configs/*.yaml: a new family's YAML brings it under every test here."""
     specs: dict[str, tuple[str, dict]] = {}
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        section = yaml.safe_load(path.read_text())["model"]["model"]
+        if path.name == BASE_CONFIG:
+            continue
+        section = read_config(path)["model"]["model"]
         cls = model_class(section["class_path"])
         fields = {field.name for field in dataclasses.fields(cls.config_class)}
         config = dict(section["init_args"]["config"], **{k: v for k, v in TINY_SHAPE.items() if k in fields})

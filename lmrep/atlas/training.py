@@ -21,6 +21,7 @@ import yaml
 
 from data.files import write_text_atomic
 from lmrep.atlas.preset import DataSpec, Schedule, Training, TrainedFamily
+from lmrep.configs import read_config
 from lmrep.checkpoints import STEP_FILENAME, StepCheckpoint
 
 DONE_FILE = "train.done"
@@ -87,9 +88,7 @@ def training_config(family: TrainedFamily, training: Training, d_model: int, dat
                     accelerator: str) -> dict[str, Any]:
     """The train.py config of one family at one width: its configs/*.yaml with the atlas's shared settings."""
     base = Path(family.config) if Path(family.config).is_absolute() else REPO / family.config
-    if not base.is_file():
-        raise FileNotFoundError(f"training config not found: {base}")
-    cfg = yaml.safe_load(base.read_text())
+    cfg = read_config(base)  # a family file over configs/base.yaml
     model = cfg["model"]["model"]["init_args"]["config"]
     model.update(d_model=d_model, n_blocks=training.n_blocks, context_length=training.context_length, **family.model)
     cfg["seed_everything"] = training.seed

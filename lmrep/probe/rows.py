@@ -22,7 +22,7 @@ from lmrep.probe.inputs import INPUTS
 from lmrep.probe.settings import EXACT, ProbeSettings
 from models.surface import ProbeSurface
 
-CPU_CHUNK_POSITIONS = 2048
+CPU_CHUNK_POSITIONS = 2048  # rows solved at once on CPU, in positions: benchmarks/RESULTS.md, section 7
 # What each random stream of the probe is for: a tag in its seed hash, so the probe's draws are
 # independent of each other and of anything seeded with plain integers (a model's initialisation).
 STREAM_INIT, STREAM_SHIFT = "start", "baseline-shift"
