@@ -35,8 +35,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_CACHE, TRAIN_LR, cycle, data_module, default_out, make_model, print_table, synchronize,
-    train_plain, validation_prompts, write_json,
+    DEFAULT_CACHE, cycle, data_module, default_out, make_model, print_table, synchronize,
+    train_lr, train_plain, validation_prompt_ids, write_json,
 )
 from lmrep import ceiling  # noqa: E402
 from lmrep.probe import ExactSolver, ProbeSettings, probe  # noqa: E402
@@ -58,10 +58,11 @@ def timed(model: nn.Module, ids: Tensor, device: str, **kw: Any) -> tuple[float,
     return seconds, rows
 
 
-def compare(model: nn.Module, ids: Tensor, context: str, device: str, pad: int, fallback: bool) -> dict[str, Any]:
+def compare(model: nn.Module, ids: Tensor, context: str, device: str, pad: int, fallback: bool,
+            gd_steps: int | None = None) -> dict[str, Any]:
     """One model and context: every runner on the same rows, the seconds and the class shares."""
     blocks = list(range(1, model.n_blocks + 1))
-    gd = ProbeSettings(context=context)
+    gd = ProbeSettings(context=context) if gd_steps is None else ProbeSettings(context=context, steps=gd_steps)
     exact = ProbeSettings(method="exact", context=context)
     common = dict(blocks=blocks, pad_token_id=pad)
     out: dict[str, Any] = {}
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=0, help="also probe each model after this much training")
+    parser.add_argument("--gd-steps", type=int, default=None, help="gradient steps (default: the engine's)")
     parser.add_argument("--no-fallback", action="store_true", help="skip the generic-fallback self pass")
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--device", default="cpu")
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.train_steps:
         dm = data_module(args.cache_dir, context_length=args.context, batch_size=16)
         pad = dm.tokenizer.pad_token_id
-        ids = validation_prompts(dm, args.prompts, args.tokens)
+        ids = validation_prompt_ids(dm, args.prompts, args.tokens)
     else:
         ids = torch.randint(2, 4096, (args.prompts, args.tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
@@ -130,12 +132,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         states = [("untrained", model)]
         if dm is not None:
             trained = make_model(family, args.d, args.blocks, args.context).to(args.device)
-            train_plain(trained, cycle(dm.train_dataloader()), args.train_steps, lr=TRAIN_LR[family])
+            train_plain(trained, cycle(dm.train_dataloader()), args.train_steps, lr=train_lr(family))
             states.append((f"trained {args.train_steps}", trained))
         for state, m in states:
             for context in ("prompt", "padded"):
                 row = {"family": family, "state": state, "context": context,
-                       **compare(m, ids, context, args.device, pad, not args.no_fallback)}
+                       **compare(m, ids, context, args.device, pad, not args.no_fallback, args.gd_steps)}
                 row["exact/gd"] = row["exact"] / row["gd"]
                 row["exact self/gd self"] = row["exact self"] / row["gd self"]
                 if "fallback self" in row:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import memory, probe_vs_source, scaling, train_overhead
+import pytest
+
+from benchmarks import exact_vs_gd, memory, probe_vs_source, scaling, train_overhead
 
 TINY_MODEL = ["--d", "32", "--blocks", "2", "--context", "32"]
 
@@ -80,3 +82,20 @@ def test_memory_smoke(tmp_path: Path, data_cache: Path) -> None:
     rows = read(out)["rows"]
     assert [r["task"] for r in rows] == ["baseline", "probe-prompt", "probe-padded", "train"]
     assert all(r["peak_rss_mib"] > 50 for r in rows)  # a Python process with torch loaded
+
+
+@pytest.mark.slow  # ~70 s on 2 cores: eight exact and gradient probes and a 2-step training per family
+def test_exact_vs_gd_smoke(tmp_path: Path, data_cache: Path) -> None:
+    out = tmp_path / "exact.json"
+    exact_vs_gd.main(["--d", "16", "--blocks", "2", "--context", "16", "--prompts", "2", "--tokens", "4",
+                      "--gd-steps", "5", "--train-steps", "2", "--scaling", "--cache-dir", str(data_cache), "--out", str(out)])
+    payload = read(out)
+    rows = payload["rows"]
+    assert {(r["family"], r["state"], r["context"]) for r in rows} == {
+        (f, s, c) for f in ("mixer", "llama") for s in ("untrained", "trained 2") for c in ("prompt", "padded")}
+    for r in rows:
+        assert r["gd"] > 0 and r["exact"] > 0 and r["fast == fallback"] is True
+        # every scored position falls in exactly one class
+        for region in ("self", "nonself"):
+            assert abs(sum(r[f"{region} {k}"] for k in ("recovered", "missed", "lost", "tie")) - 1) < 1e-9
+    assert {s["axis"] for s in payload["scaling"]} == {"tokens", "vocab", "depth"}
