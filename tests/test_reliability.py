@@ -859,3 +859,18 @@ def test_probe_seed_is_its_own_option(trained: Path, tmp_path: Path, prompts: Pa
         assert probe_main([*probe_args(ckpt, prompts, tmp_path / name), *extra]) == 0
         ids[name] = read_results(tmp_path / name)[0]["settings_id"]
     assert ids["seed"] == ids["probe_seed"] == ids["both"] != ids["other"]
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing(tmp_path: Path, data_cache: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """No run folder and no W&B run id file that a later run in the same run_dir would continue."""
+    empty = tmp_path / "stories"
+    (empty / "train").mkdir(parents=True)
+    (empty / "train" / "000.txt").write_text("<|endoftext|>\n\n")
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2, data={"data_dir": str(empty)})
+    assert fails(["fit", "--config", str(cfg)], capsys).startswith("error: no train stories")
+    assert not (run / RUN_ID_FILE).exists() and not run.exists()
+    # Parsing a config (as the YAML tests do) writes nothing either.
+    TrainCLI(LanguageModelModule, TinyStoriesDataModule, args=["--config", str(cfg)], run=False)
+    assert not run.exists()
