@@ -38,15 +38,18 @@ def is_global_rank_zero() -> bool:
     return rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
-def persistent_run_id(save_dir: str | Path) -> str:
-    """The W&B run id of the run in `save_dir`, created on first use."""
+def saved_run_id(save_dir: str | Path) -> str | None:
+    """The W&B run id kept in `save_dir`, or None when the run has none yet."""
     path = Path(save_dir) / RUN_ID_FILE
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id + "\n")
-    return run_id
+    return path.read_text().strip() if path.exists() else None
+
+
+def keep_run_id(save_dir: str | Path, run_id: str) -> None:
+    """Write the run id file (creating the run folder) unless it is there already."""
+    path = Path(save_dir) / RUN_ID_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
 
 
 class RunLogger(WandbLogger):
@@ -71,11 +74,21 @@ class RunLogger(WandbLogger):
         """
         if offline is None:
             offline = not has_wandb_credentials() or os.environ.get("WANDB_MODE") == "offline"
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        # Nothing is written yet: the run folder and its id file appear when the W&B run starts
+        # (`experiment`), so a run that fails before training (a bad config, missing data) leaves
+        # nothing behind that a later run in the same run_dir would take up as its own.
         if is_global_rank_zero():  # the other ranks never start a W&B run, so they need no id
-            kwargs.setdefault("id", persistent_run_id(save_dir))
+            kwargs.setdefault("id", saved_run_id(save_dir) or uuid.uuid4().hex[:12])
         kwargs.setdefault("resume", "allow")
         super().__init__(save_dir=save_dir, project=project, name=name or Path(save_dir).name, offline=offline, **kwargs)
+
+    @property
+    def experiment(self) -> Any:
+        """The W&B run, started on first use; its id is kept in the run folder from then on."""
+        if self._experiment is None and is_global_rank_zero():
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+            keep_run_id(self.save_dir, self._id)
+        return super().experiment
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

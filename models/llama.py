@@ -24,7 +24,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from data.files import staged_files
-from models.surface import SurfaceModel, check_length, check_run
+from models.surface import ModelShape, SurfaceModel, check_length, check_positive, check_run, probe_lr_table
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -38,32 +38,23 @@ ATTENTION_IMPLEMENTATION = "sdpa"
 
 
 @dataclass
-class LlamaModelConfig:
-    """Shape of a small Llama-style transformer."""
+class LlamaModelConfig(ModelShape):
+    """Shape of a small Llama-style transformer (vocab_size, d_model, n_blocks, context_length: ModelShape)."""
 
-    vocab_size: int = 4096
-    """Number of token ids the embedding and the LM head cover."""
-    d_model: int = 256
-    """Width of the hidden state."""
-    n_blocks: int = 8
-    """Number of decoder layers."""
     n_heads: int = 4
     """Number of attention (query) heads; d_model must be divisible by it."""
     n_kv_heads: int | None = None
     """Number of key/value heads (grouped-query attention); None means n_heads."""
     intermediate_size: int | None = None
     """SwiGLU hidden width; None means 8/3 * d_model rounded up to a multiple of 64."""
-    context_length: int = 128
-    """Longest sequence the model accepts (L)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     tie_embeddings: bool = False
     """Share the input embedding matrix with the LM head."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_blocks", "n_heads", "context_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
+        check_positive(self, ("n_heads",))
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads != 0):
@@ -150,12 +141,8 @@ class LlamaLM(SurfaceModel):
     family: ClassVar[str] = "llama"
     config_class: ClassVar[type] = LlamaModelConfig
     # Measured on untrained llamas (embedding std ~0.02): benchmarks/RESULTS.md, "Default probe learning rates".
-    probe_lr: ClassVar[Mapping[tuple[str, str], float]] = {
-        ("embedding", "adam"): 0.005,
-        ("embedding", "gd"): 0.001,
-        ("onehot", "adam"): 0.1,
-        ("onehot", "gd"): 10.0,
-    }
+    probe_lr: ClassVar[Mapping[tuple[str, str], float]] = probe_lr_table(
+        embedding_adam=0.005, embedding_gd=0.001, onehot_adam=0.1, onehot_gd=10.0)
 
     def __init__(self, config: LlamaModelConfig) -> None:
         super().__init__()

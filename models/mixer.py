@@ -22,23 +22,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.surface import SurfaceModel
+from models.surface import ModelShape, SurfaceModel, check_positive, probe_lr_table
 
 MIXINGS = ("flat", "expanded", "parallel")
 
 
 @dataclass
-class MixerConfig:
-    """Shape of a masked mixer."""
+class MixerConfig(ModelShape):
+    """Shape of a masked mixer (vocab_size, d_model, n_blocks, context_length: ModelShape; mixing maps are L x L)."""
 
-    vocab_size: int = 4096
-    """Number of token ids the embedding and the LM head cover."""
-    d_model: int = 256
-    """Width of the hidden state (features per position)."""
-    n_blocks: int = 8
-    """Number of mixer blocks."""
-    context_length: int = 128
-    """Longest sequence L; the token-mixing maps are L x L."""
     mixing: str = "flat"
     """Token mixing: 'flat', 'expanded' or 'parallel'."""
     expansion: int = 1
@@ -51,9 +43,8 @@ class MixerConfig:
     def __post_init__(self) -> None:
         if self.mixing not in MIXINGS:
             raise ValueError(f"unknown mixing '{self.mixing}': choose one of {', '.join(MIXINGS)}")
-        for name in ("vocab_size", "d_model", "n_blocks", "context_length", "expansion", "n_parallel", "mlp_ratio"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
+        check_positive(self, ("expansion", "n_parallel", "mlp_ratio"))
 
 
 class SequenceLinear(nn.Module):
@@ -211,12 +202,8 @@ class MaskedMixer(SurfaceModel):
     family: ClassVar[str] = "mixer"
     config_class: ClassVar[type] = MixerConfig
     # Measured on untrained mixers (N(0, 1) embeddings): benchmarks/RESULTS.md, "Default probe learning rates".
-    probe_lr: ClassVar[Mapping[tuple[str, str], float]] = {
-        ("embedding", "adam"): 0.05,
-        ("embedding", "gd"): 0.02,
-        ("onehot", "adam"): 0.1,
-        ("onehot", "gd"): 1.0,
-    }
+    probe_lr: ClassVar[Mapping[tuple[str, str], float]] = probe_lr_table(
+        embedding_adam=0.05, embedding_gd=0.02, onehot_adam=0.1, onehot_gd=1.0)
 
     def __init__(self, config: MixerConfig) -> None:
         super().__init__()

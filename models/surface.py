@@ -13,10 +13,47 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+
+# The config fields every family has (the surface and the data module read them); each must be >= 1.
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_blocks", "context_length")
+
+
+@dataclass
+class ModelShape:
+    """The shape every family's config dataclass starts from; a family's config adds its own fields."""
+
+    vocab_size: int = 4096
+    """Number of token ids the embedding and the LM head cover."""
+    d_model: int = 256
+    """Width of the hidden state (features per position)."""
+    n_blocks: int = 8
+    """Number of blocks (a llama's decoder layers, a mixer's mixer blocks)."""
+    context_length: int = 128
+    """Longest sequence the model accepts (L)."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, SHAPE_FIELDS)
+
+
+def check_positive(config: object, names: Sequence[str]) -> None:
+    """Raise a one-line error naming the first of these integer fields that is below 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+
+
+def probe_lr_table(*, embedding_adam: float | None = None, embedding_gd: float | None = None,
+                   onehot_adam: float | None = None, onehot_gd: float | None = None) -> Mapping[tuple[str, str], float]:
+    """A family's measured default probe lrs as `SurfaceModel.probe_lr` holds them: {(method, optimizer): lr}."""
+    given = {("embedding", "adam"): embedding_adam, ("embedding", "gd"): embedding_gd,
+             ("onehot", "adam"): onehot_adam, ("onehot", "gd"): onehot_gd}
+    return {key: lr for key, lr in given.items() if lr is not None}
 
 
 @runtime_checkable

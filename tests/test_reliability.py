@@ -130,6 +130,13 @@ def fails(args: list[str], capsys: pytest.CaptureFixture) -> str:
     return lines[0]
 
 
+def fit_from(checkpoint: Path, tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture) -> tuple[Path, Path, str]:
+    """A fresh tiny run given `--ckpt_path checkpoint`, which must fail: its run folder, config and error line."""
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, cache, steps=2, every=2)
+    return run, cfg, fails(["fit", "--config", str(cfg), "--ckpt_path", str(checkpoint)], capsys)
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -197,9 +204,8 @@ def test_crafted_checkpoint_runs_no_code(tmp_path: Path, data_cache: Path,
             load(evil)
         assert str(info.value) == expected
     # explicit resume, and auto-resume where a run's last.ckpt was replaced by the crafted file
-    run = tmp_path / "run"
-    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2)
-    assert fails(["fit", "--config", str(cfg), "--ckpt_path", str(evil)], capsys) == f"error: {expected}"
+    run, cfg, error = fit_from(evil, tmp_path, data_cache, capsys)
+    assert error == f"error: {expected}"
     last = evil_checkpoint(run / "checkpoints" / "last.ckpt", marker)
     assert fails(["fit", "--config", str(cfg)], capsys) == f"error: {expected.replace(str(evil), str(last))}"
     assert not marker.exists()
@@ -450,10 +456,8 @@ def test_checkpoint_missing(tmp_path: Path, data_cache: Path, capsys: pytest.Cap
     missing = tmp_path / "nowhere" / "last.ckpt"
     with pytest.raises(CheckpointError, match=f"^checkpoint not found: {missing}$"):
         load_checkpoint(missing)
-    run = tmp_path / "run"
-    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2)
-    assert fails(["fit", "--config", str(cfg), "--ckpt_path", str(missing)], capsys) == \
-        f"error: checkpoint not found: {missing}"
+    run, _, error = fit_from(missing, tmp_path, data_cache, capsys)
+    assert error == f"error: checkpoint not found: {missing}"
     assert not run.exists()
 
 
@@ -475,9 +479,8 @@ def test_checkpoint_truncated_or_not_a_checkpoint(kind: str, trained: Path, tmp_
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(bad)
     assert str(info.value) == message
-    run = tmp_path / "run"
-    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2)
-    assert fails(["fit", "--config", str(cfg), "--ckpt_path", str(bad)], capsys) == f"error: {message}"
+    run, _, error = fit_from(bad, tmp_path, data_cache, capsys)
+    assert error == f"error: {message}"
     assert not run.exists()
 
 
@@ -856,3 +859,18 @@ def test_probe_seed_is_its_own_option(trained: Path, tmp_path: Path, prompts: Pa
         assert probe_main([*probe_args(ckpt, prompts, tmp_path / name), *extra]) == 0
         ids[name] = read_results(tmp_path / name)[0]["settings_id"]
     assert ids["seed"] == ids["probe_seed"] == ids["both"] != ids["other"]
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing(tmp_path: Path, data_cache: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """No run folder and no W&B run id file that a later run in the same run_dir would continue."""
+    empty = tmp_path / "stories"
+    (empty / "train").mkdir(parents=True)
+    (empty / "train" / "000.txt").write_text("<|endoftext|>\n\n")
+    run = tmp_path / "run"
+    cfg = config(tmp_path / "c.yaml", run, data_cache, steps=2, every=2, data={"data_dir": str(empty)})
+    assert fails(["fit", "--config", str(cfg)], capsys).startswith("error: no train stories")
+    assert not (run / RUN_ID_FILE).exists() and not run.exists()
+    # Parsing a config (as the YAML tests do) writes nothing either.
+    TrainCLI(LanguageModelModule, TinyStoriesDataModule, args=["--config", str(cfg)], run=False)
+    assert not run.exists()

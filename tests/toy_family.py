@@ -12,21 +12,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.surface import SurfaceModel
+from models.surface import ModelShape, SurfaceModel, probe_lr_table
 
 
 @dataclass
-class ToyConfig:
-    """Shape of a toy causal LM."""
-
-    vocab_size: int = 4096
-    """Number of token ids the embedding and the LM head cover."""
-    d_model: int = 64
-    """Width of the hidden state."""
-    n_blocks: int = 2
-    """Number of blocks."""
-    context_length: int = 32
-    """Longest sequence the model accepts (L)."""
+class ToyConfig(ModelShape):
+    """Shape of a toy causal LM: the shared shape fields and nothing else."""
 
 
 class PrefixMeanBlock(nn.Module):
@@ -51,7 +42,7 @@ class ToyLM(SurfaceModel):
     family: ClassVar[str] = "toy"
     config_class: ClassVar[type] = ToyConfig
     # N(0, 1) embeddings like the mixer's, so the mixer's measured Adam lr serves (benchmarks/RESULTS.md).
-    probe_lr: ClassVar[Mapping[tuple[str, str], float]] = {("embedding", "adam"): 0.05}
+    probe_lr: ClassVar[Mapping[tuple[str, str], float]] = probe_lr_table(embedding_adam=0.05)
 
     def __init__(self, config: ToyConfig) -> None:
         super().__init__()
