@@ -39,7 +39,7 @@ from lmrep.configs import read_config
 from lmrep.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
 from lmrep.pipeline import ProbePlan, WandbRun, probe_and_report
 from lmrep.probe import CONTEXTS, ProbeSettings, calibrate_lr
-from lmrep.prompts import PromptSet, encode_prompts, parse_blocks, parse_ints, read_prompt_file, validation_prompts
+from lmrep.prompts import PromptSet, encode_prompts, first_too_long, parse_blocks, parse_ints, read_prompt_lines, validation_prompts
 from lmrep.runs import RESULTS_FILE, ModelSource, check_output_dir, checkpoint_sources, untrained_source_id
 from lmrep.sharding import Shard
 from models import build_model, model_class, model_spec
@@ -323,8 +323,10 @@ def run(command: ParsedCommand, fabric: Any = None) -> None:
             tokenizer, tok_hash = load_tokenizer_for(request, command.data_config)
     else:
         tokenizer, tok_hash = load_tokenizer_for(request, command.data_config)
+    lines: list[int] = []  # the file's line number of each prompt, for errors naming the line
     if request.prompts:
-        texts, max_tokens = read_prompt_file(request.prompts), request.tokens
+        numbered, max_tokens = read_prompt_lines(request.prompts), request.tokens
+        lines, texts = [number for number, _ in numbered], [text for _, text in numbered]
     else:
         texts = validation_prompts(request.num_prompts, **data_options(request, command.data_config))
         max_tokens = DEFAULT_STORY_TOKENS if request.tokens is None else request.tokens
@@ -335,9 +337,11 @@ def run(command: ParsedCommand, fabric: Any = None) -> None:
     settings = dataclasses.replace(settings, allowed_tokens=allowed)
     first_model = sources[0].load(tok_hash)
     parse_blocks(request.blocks, first_model.n_blocks)  # fail before any work
-    if prompts.ids.shape[1] > first_model.context_length:
-        raise ValueError(f"prompt of {prompts.ids.shape[1]} tokens is longer than the model's context length "
-                         f"{first_model.context_length}")
+    long = first_too_long(prompts, first_model.context_length)
+    if long is not None:
+        where = f"{request.prompts}:{lines[long]}: " if lines else f"validation story {long}: "
+        raise ValueError(f"{where}prompt of {int(prompts.lengths[long])} tokens is longer than the model's context "
+                         f"length {first_model.context_length}")
     if command.calibrate:
         lr = None
         if shard.is_main:  # one choice for every rank, even where devices round differently

@@ -43,15 +43,29 @@ def encode_prompts(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, *,
     return PromptSet(ids=batch, lengths=torch.tensor([len(ids) for ids in encoded]), texts=texts)
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per non-empty line."""
+def read_prompt_lines(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, prompt) for each non-empty line; a line that is not UTF-8 is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid UTF-8 (byte {raw[error.start]:#04x} at column "
+                             f"{error.start + 1}); save the prompts file as UTF-8") from None
+        if line.strip():
+            prompts.append((number, line))
     if not prompts:
         raise ValueError(f"empty prompt set: {path} has no non-empty lines")
     return prompts
+
+
+def first_too_long(prompts: PromptSet, context_length: int) -> int | None:
+    """The index of the first prompt with more tokens than the model's context, None when all fit."""
+    over = (prompts.lengths > context_length).nonzero()
+    return int(over[0]) if len(over) else None
 
 
 def validation_prompts(n: int, source: str = "auto", data_dir: str | Path | None = None, *,

@@ -376,11 +376,14 @@ def test_a_test_registration_leaves_no_trace() -> None:
         build_model("toy", {})
 
 
+TOY_STEPS = 3  # a few optimiser steps of the toy family through the real training CLI
+
+
 def test_a_family_outside_models_trains_and_probes_with_its_defaults(
         toy_registered: type[ToyLM], tmp_path: Path, data_cache: Path) -> None:
     """A file, one registry entry and a YAML: the real training CLI, then the probe with no lr given."""
     run = tmp_path / "run"
-    config = tiny_config(tmp_path / "toy.yaml", "flat", run, data_cache, steps=1, every=1)
+    config = tiny_config(tmp_path / "toy.yaml", "flat", run, data_cache, steps=TOY_STEPS, every=TOY_STEPS)
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["model"] = {"class_path": "tests.toy_family.ToyLM",
                              "init_args": {"config": {"vocab_size": 4096, "d_model": 64, "n_blocks": 2,
@@ -390,6 +393,7 @@ def test_a_family_outside_models_trains_and_probes_with_its_defaults(
     step0 = run / "checkpoints" / "step=000000.ckpt"
     loaded = load_checkpoint(step0)
     assert type(loaded.model) is ToyLM and loaded.step == 0
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt").step == TOY_STEPS  # the Lightning module trained it
     default_lr = ToyLM.probe_lr[("embedding", "adam")]
 
     texts = ["Once upon a time, there was a little dog.", "Lily liked to play in the park with her ball."]

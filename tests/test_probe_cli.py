@@ -127,3 +127,18 @@ def test_the_shipped_probe_configs_parse() -> None:
     for path in sorted((REPO / "configs" / "probes").glob("*.yaml")):
         command = parse(["--config", str(path), "--out", "unused"])
         assert command.request.init and command.model_config, path
+
+
+def test_block_zero_probes_the_embedding_itself(tmp_path: Path, data_cache: Path, prompt_file: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """`--blocks 0` (documented in --help and the README) inverts the embedding: every token comes back."""
+    config = tiny_config(tmp_path / "flat.yaml", "flat", tmp_path / "run", data_cache, steps=1, every=1, d=64)
+    out = tmp_path / "probe"
+    assert probe_main(["--init", str(config), "--prompts", str(prompt_file), "--blocks", "0", "--mask", "0",
+                       "--context", "prompt", "--steps", "150", "--no-wandb", "--out", str(out)]) == 0
+    rows = read_results(out)
+    assert {row["block"] for row in rows} == {0} and len(rows) == len(PROMPTS)
+    assert all(row["self_acc"] == 1.0 and row["recovered_ids"] == row["target_ids"] for row in rows)
+    with pytest.raises(SystemExit):
+        probe_main(["--help"])
+    assert "(0 is the embedding" in " ".join(capsys.readouterr().out.split())

@@ -610,7 +610,21 @@ def test_probe_prompt_longer_than_context(trained: Path, tmp_path: Path, capsys:
     long.write_text("Once upon a time " * 20 + "\n")
     out = tmp_path / "probe"
     assert probe_fails(probe_args(trained, long, out), capsys) == \
-        "error: prompt of 100 tokens is longer than the model's context length 32"
+        f"error: {long}:1: prompt of 100 tokens is longer than the model's context length 32"
+    assert not out.exists()
+
+
+def test_probe_prompt_file_errors_name_file_and_line(trained: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """An over-long line and a line that is not UTF-8: one error line naming the file and the line."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A dog ran.\n\nThe cat sat.\n" + "Once upon a time " * 20 + "\n")
+    out = tmp_path / "probe"
+    assert probe_fails(probe_args(trained, prompts, out), capsys) == \
+        f"error: {prompts}:4: prompt of 100 tokens is longer than the model's context length 32"
+    prompts.write_bytes(b"A dog ran.\nThe caf\xe9 was open.\n")  # Latin-1, not UTF-8
+    assert probe_fails(probe_args(trained, prompts, out), capsys) == \
+        f"error: {prompts}:2: not valid UTF-8 (byte 0xe9 at column 8); save the prompts file as UTF-8"
     assert not out.exists()
 
 
