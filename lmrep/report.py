@@ -208,6 +208,7 @@ def plot_curves(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "
         if log_x:
             for ax in axes:
                 ax.set_xscale("symlog", linthresh=1)
+                ax.set_xlim(left=-0.5)  # steps are >= 0: no empty negative decades
         fig.suptitle(f"{title} invertibility during training, context = {context}".strip())
         paths.append(_save(fig, out_dir / f"curves_{context}.png"))
     return paths

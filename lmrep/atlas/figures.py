@@ -134,6 +134,7 @@ def trained_curves(cells: Sequence[dict[str, Any]], protocols: Sequence[str], lo
             ax.set_xlabel("training step", fontsize=7)
             if log_x:
                 ax.set_xscale("symlog", linthresh=1)
+                ax.set_xlim(left=-0.5)  # steps are >= 0: no empty negative decades
         fig.suptitle(f"{run}: recovery vs training step (95% band over prompts)")
         paths.append(_save(fig, out_dir / f"curves_{run}.png"))
     return paths
