@@ -23,6 +23,7 @@ from lightning.pytorch.trainer import Trainer
 
 from data.tinystories import TinyStoriesDataModule
 from lmrep.checkpoints import SafeCheckpointIO, check_resume, read_metadata
+from lmrep.configs import config_chain
 from lmrep.module import LanguageModelModule
 from models import model_class
 
@@ -112,6 +113,7 @@ def main(args: list[str] | None = None) -> TrainCLI | None:
         args = [a for a in argv if a != DEBUG_FLAG]
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it; no effect on CPU
     try:
+        check_config_files(argv)
         return TrainCLI(
             LanguageModelModule,
             TinyStoriesDataModule,
@@ -125,6 +127,20 @@ def main(args: list[str] | None = None) -> TrainCLI | None:
             raise
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Refuse a family YAML given without the base.yaml it is written over (alone it has no trainer settings)."""
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    given = {Path(f).resolve() for f in files}
+    for f in files:
+        if not Path(f).is_file():
+            continue  # LightningCLI says so
+        chain = config_chain(f)
+        if len(chain) == 2 and chain[0].resolve() not in given:
+            raise ValueError(f"{f} holds only what differs from {chain[0]}: "
+                             f"run train.py fit --config {chain[0]} --config {f}")
 
 
 def one_line(message: str) -> str:

@@ -60,6 +60,15 @@ def test_unknown_config_key_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
     assert "widht" in capsys.readouterr().err
 
 
+def test_a_family_file_without_its_base_is_refused(capsys: pytest.CaptureFixture) -> None:
+    """Alone, a family YAML would train with Lightning's defaults (no step limit, no checkpoints)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs/llama.yaml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--config " + str(REPO / "configs/base.yaml") in err
+
+
 def test_next_token_loss_ignores_padding() -> None:
     logits = torch.randn(1, 4, 5)
     labels = torch.tensor([[1, 2, -100, -100]])
