@@ -43,9 +43,19 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _grid(n_rows: int, n_cols: int, w: float = 3.6, h: float = 2.8) -> tuple[plt.Figure, np.ndarray]:
+def _protocol_grid(mine: Sequence[dict[str, Any]], protocols: Sequence[str], top_rows: int = 0,
+                   w: float = 3.6, h: float = 2.8) -> tuple[plt.Figure, np.ndarray, list[tuple[Any, str, str, int]]]:
+    """One row of panels per protocol present in `mine` (below `top_rows` free rows), one column per panel.
+
+    Returns the figure, its axes and (ax, protocol, metric, mask) for every protocol panel.
+    """
+    rows = [p for p in protocols if any(c["protocol"] == p for c in mine)]
+    panels = panels_of(mine)
+    n_rows, n_cols = len(rows) + top_rows, len(panels)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(w * n_cols, h * n_rows + 0.5), squeeze=False)
-    return fig, axes
+    cells = [(axes[i, j], protocol, metric, mask) for i, protocol in enumerate(rows, start=top_rows)
+             for j, (metric, mask) in enumerate(panels)]
+    return fig, axes, cells
 
 
 def trained_heatmaps(cells: Sequence[dict[str, Any]], protocols: Sequence[str], out_dir: Path) -> list[Path]:
@@ -53,38 +63,34 @@ def trained_heatmaps(cells: Sequence[dict[str, Any]], protocols: Sequence[str], 
     paths = []
     for run in sorted({c["run"] for c in cells if c["trained"]}):
         mine = [c for c in cells if c["run"] == run and c["trained"]]
-        rows = [p for p in protocols if any(c["protocol"] == p for c in mine)]
-        panels = panels_of(mine)
-        fig, axes = _grid(len(rows), len(panels))
-        for i, protocol in enumerate(rows):
-            for j, (metric, mask) in enumerate(panels):
-                ax = axes[i, j]
-                sel = [c for c in mine if c["protocol"] == protocol and c["mask"] == mask]
-                steps = sorted({c["step"] for c in sel})
-                blocks = sorted({c["block"] for c in sel})
-                values = np.full((len(blocks), len(steps)), np.nan)
-                half = np.full_like(values, np.nan)
-                for c in sel:
-                    if c.get(metric) is not None:
-                        b, t = blocks.index(c["block"]), steps.index(c["step"])
-                        values[b, t] = c[metric]
-                        half[b, t] = (c[f"{metric}_hi"] - c[f"{metric}_lo"]) / 2
-                if not sel or np.isnan(values).all():
-                    ax.set_axis_off()
-                    ax.set_title(f"{protocol}: {_label(metric, mask)}: not measured", fontsize=8)
-                    continue
-                ax.imshow(values, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
-                if values.size <= ANNOTATE_CELLS:
-                    for (b, t), v in np.ndenumerate(values):
-                        if not np.isnan(v):
-                            ax.text(t, b, f"{v:.2f}\n±{half[b, t]:.2f}", ha="center", va="center", fontsize=5,
-                                    color="white" if v < 0.5 else "black")
-                ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=60, fontsize=6)
-                ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
-                ax.set_xlabel("training step", fontsize=7)
-                ax.set_ylabel("block", fontsize=7)
-                n = sel[0]["n_prompts"]
-                ax.set_title(f"{protocol}: {_label(metric, mask)} (n={n}, ±95%)", fontsize=8)
+        fig, axes, panel_cells = _protocol_grid(mine, protocols)
+        for ax, protocol, metric, mask in panel_cells:
+            sel = [c for c in mine if c["protocol"] == protocol and c["mask"] == mask]
+            steps = sorted({c["step"] for c in sel})
+            blocks = sorted({c["block"] for c in sel})
+            values = np.full((len(blocks), len(steps)), np.nan)
+            half = np.full_like(values, np.nan)
+            for c in sel:
+                if c.get(metric) is not None:
+                    b, t = blocks.index(c["block"]), steps.index(c["step"])
+                    values[b, t] = c[metric]
+                    half[b, t] = (c[f"{metric}_hi"] - c[f"{metric}_lo"]) / 2
+            if not sel or np.isnan(values).all():
+                ax.set_axis_off()
+                ax.set_title(f"{protocol}: {_label(metric, mask)}: not measured", fontsize=8)
+                continue
+            ax.imshow(values, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+            if values.size <= ANNOTATE_CELLS:
+                for (b, t), v in np.ndenumerate(values):
+                    if not np.isnan(v):
+                        ax.text(t, b, f"{v:.2f}\n±{half[b, t]:.2f}", ha="center", va="center", fontsize=5,
+                                color="white" if v < 0.5 else "black")
+            ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=60, fontsize=6)
+            ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
+            ax.set_xlabel("training step", fontsize=7)
+            ax.set_ylabel("block", fontsize=7)
+            n = sel[0]["n_prompts"]
+            ax.set_title(f"{protocol}: {_label(metric, mask)} (n={n}, ±95%)", fontsize=8)
         fig.suptitle(f"{run}: top-1 recovery by block and checkpoint")
         paths.append(_save(fig, out_dir / f"heatmap_{run}.png"))
     return paths
@@ -105,9 +111,7 @@ def trained_curves(cells: Sequence[dict[str, Any]], protocols: Sequence[str], lo
     paths = []
     for run in sorted({c["run"] for c in cells if c["trained"]}):
         mine = [c for c in cells if c["run"] == run and c["trained"]]
-        rows = [p for p in protocols if any(c["protocol"] == p for c in mine)]
-        panels = panels_of(mine)
-        fig, axes = _grid(len(rows) + 1, len(panels))
+        fig, axes, panel_cells = _protocol_grid(mine, protocols, top_rows=1)
         for ax in axes[0, 1:]:
             ax.set_axis_off()
         ax = axes[0, 0]
@@ -119,17 +123,15 @@ def trained_curves(cells: Sequence[dict[str, Any]], protocols: Sequence[str], lo
         ax.set_ylabel("nats/token", fontsize=7)
         ax.legend(fontsize=6)
         log_x = log_like_steps([c["step"] for c in mine])
-        for i, protocol in enumerate(rows, start=1):
-            for j, (metric, mask) in enumerate(panels):
-                ax = axes[i, j]
-                sel = [c for c in mine if c["protocol"] == protocol and c["mask"] == mask and c.get(metric) is not None]
-                for block in sorted({c["block"] for c in sel}):
-                    line = sorted((c for c in sel if c["block"] == block), key=lambda c: c["step"])
-                    _band(ax, [c["step"] for c in line], line, metric, marker="o", ms=3, label=f"block {block}")
-                ax.set_ylim(-0.03, 1.03)
-                ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
-                if sel:
-                    ax.legend(fontsize=6)
+        for ax, protocol, metric, mask in panel_cells:
+            sel = [c for c in mine if c["protocol"] == protocol and c["mask"] == mask and c.get(metric) is not None]
+            for block in sorted({c["block"] for c in sel}):
+                line = sorted((c for c in sel if c["block"] == block), key=lambda c: c["step"])
+                _band(ax, [c["step"] for c in line], line, metric, marker="o", ms=3, label=f"block {block}")
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
+            if sel:
+                ax.legend(fontsize=6)
         for ax in axes[:, :].flat:
             ax.set_xlabel("training step", fontsize=7)
             if log_x:
@@ -145,28 +147,24 @@ def untrained_vs_width(pooled: Sequence[dict[str, Any]], protocols: Sequence[str
     mine = [c for c in pooled if not c["trained"]]
     if not mine:
         return None
-    rows = [p for p in protocols if any(c["protocol"] == p for c in mine)]
-    panels = panels_of(mine)
-    fig, axes = _grid(len(rows), len(panels))
-    for i, protocol in enumerate(rows):
-        for j, (metric, mask) in enumerate(panels):
-            ax = axes[i, j]
-            sel = [c for c in mine if c["protocol"] == protocol and c["mask"] == mask and c.get(metric) is not None]
-            for run in sorted({c["run"] for c in sel}):
-                for block in sorted({c["block"] for c in sel if c["run"] == run}):
-                    line = sorted((c for c in sel if c["run"] == run and c["block"] == block),
-                                  key=lambda c: c["d_model"])
-                    ys = [c[metric] for c in line]
-                    err = [[y - c[f"{metric}_lo"] for y, c in zip(ys, line)],
-                           [c[f"{metric}_hi"] - y for y, c in zip(ys, line)]]
-                    ax.errorbar([c["d_model"] for c in line], ys, yerr=err, marker="o", ms=3, capsize=2,
-                                label=f"{run} block {block}")
-            ax.set_xscale("log", base=2)
-            ax.set_ylim(-0.03, 1.03)
-            ax.set_xlabel("d_model", fontsize=7)
-            ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
-            if sel:
-                ax.legend(fontsize=5)
+    fig, axes, panel_cells = _protocol_grid(mine, protocols)
+    for ax, protocol, metric, mask in panel_cells:
+        sel = [c for c in mine if c["protocol"] == protocol and c["mask"] == mask and c.get(metric) is not None]
+        for run in sorted({c["run"] for c in sel}):
+            for block in sorted({c["block"] for c in sel if c["run"] == run}):
+                line = sorted((c for c in sel if c["run"] == run and c["block"] == block),
+                              key=lambda c: c["d_model"])
+                ys = [c[metric] for c in line]
+                err = [[y - c[f"{metric}_lo"] for y, c in zip(ys, line)],
+                       [c[f"{metric}_hi"] - y for y, c in zip(ys, line)]]
+                ax.errorbar([c["d_model"] for c in line], ys, yerr=err, marker="o", ms=3, capsize=2,
+                            label=f"{run} block {block}")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("d_model", fontsize=7)
+        ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
+        if sel:
+            ax.legend(fontsize=5)
     fig.suptitle("untrained models: recovery vs width (seeds and prompts pooled, 95% interval)")
     return _save(fig, out_dir / "untrained_vs_width.png")
 
