@@ -99,10 +99,16 @@ def _panels(summary: Sequence[dict[str, Any]], context: str) -> list[tuple[str, 
     return [(metric, label, m) for metric, label in PANELS for m in masks if metric == "self_acc" or m > 0]
 
 
+def grid_shape(n_panels: int) -> tuple[int, int]:
+    """(rows, columns) for n panels: the fewest rows of at most PANEL_COLUMNS, then the fewest columns that
+    hold them (4 panels are 2 x 2, not a row of 3 over a lone panel)."""
+    rows = -(-n_panels // PANEL_COLUMNS)
+    return rows, -(-n_panels // rows)
+
+
 def _figure(n_panels: int, width: float = 4.2, height: float = 3.0) -> tuple[plt.Figure, list[plt.Axes]]:
-    """A grid of up to PANEL_COLUMNS panels a row, with no empty panels left on screen."""
-    cols = min(PANEL_COLUMNS, n_panels)
-    rows = -(-n_panels // cols)
+    """A grid of panels (`grid_shape`), with no empty panels left on screen."""
+    rows, cols = grid_shape(n_panels)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False)
     flat = list(axes.flat)
     for ax in flat[n_panels:]:
@@ -138,7 +144,7 @@ def plot_heatmaps(summary: Sequence[dict[str, Any]], out_dir: Path, title: str =
             ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
             ax.set_xlabel("training step")
             ax.set_ylabel("block")
-            ax.set_title(f"{label}, m = {mask} ({_n_label(summary, context, mask)})", fontsize=9)
+            ax.set_title(f"{label}, m = {mask}\n({_n_label(summary, context, mask)})", fontsize=9)
             fig.colorbar(image, ax=ax, fraction=0.04)
         fig.suptitle(f"{title} context = {context}".strip())
         paths.append(_save(fig, out_dir / f"heatmap_{context}.png"))
@@ -202,13 +208,15 @@ def plot_curves(summary: Sequence[dict[str, Any]], out_dir: Path, title: str = "
             ax.set_ylim(-0.03, 1.03)
             ax.set_xlabel("training step")
             ax.set_ylabel("top-1 recovery" + (" / identifiable (x, dashed)" if exact else ""))
-            ax.set_title(f"{label}, m = {mask} ({_n_label(summary, context, mask)}; 95% band)", fontsize=9)
+            ax.set_title(f"{label}, m = {mask}\n({_n_label(summary, context, mask)}; 95% band)", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
         if log_x:
+            last = max(s["step"] for s in summary if s["context"] == context)
             for ax in axes:
                 ax.set_xscale("symlog", linthresh=1)
-                ax.set_xlim(left=-0.5)  # steps are >= 0: no empty negative decades
+                # Steps are >= 0: no empty negative decades; a little room past the last step for its markers.
+                ax.set_xlim(-0.5, last * 1.3)
         fig.suptitle(f"{title} invertibility during training, context = {context}".strip())
         paths.append(_save(fig, out_dir / f"curves_{context}.png"))
     return paths
