@@ -16,7 +16,8 @@ fallback, and the share of positions in each class of `lmrep.ceiling`
 grows with prompt length, vocabulary (allowed tokens) and depth.
 
     python benchmarks/exact_vs_gd.py                     # small: d 64, 4 blocks, ~3 min on 2 cores
-    python benchmarks/exact_vs_gd.py --d 256 --blocks 8 --prompts 8 --tokens 32 --train-steps 200 --scaling
+    python benchmarks/exact_vs_gd.py --d 256 --blocks 8 --prompts 4 --tokens 32 --train-steps 200 --scaling \
+        --no-fallback --families mixer    # 38 min on 2 cores (RESULTS.md 9b); llama with 2 prompts: 30 min
     python benchmarks/exact_vs_gd.py --device cuda --d 256 --blocks 8 --prompts 8 --tokens 32
 """
 
@@ -53,14 +54,20 @@ def timed(model: nn.Module, ids: Tensor, device: str, **kw: Any) -> tuple[float,
     synchronize(device)
     seconds = time.perf_counter() - start
     rows = result.rows()
+    print(f"  {kw['settings'].method} {kw['settings'].context} masks {kw['masks']}: {ids.shape[0]} prompts, "
+          f"{len(rows)} rows, {seconds:.1f} s", flush=True)
     for row in rows:
         row.update(step=0, source_id="model", context=kw["settings"].context)
     return seconds, rows
 
 
-def compare(model: nn.Module, ids: Tensor, context: str, device: str, pad: int, fallback: bool,
+def compare(model: nn.Module, ids: Tensor, context: str, device: str, pad: int, fallback: int | None,
             gd_steps: int | None = None) -> dict[str, Any]:
-    """One model and context: every runner on the same rows, the seconds and the class shares."""
+    """One model and context: every runner on the same rows, the seconds and the class shares.
+
+    `fallback`: how many of the prompts the generic fallback's self pass runs on (None: none), timed beside
+    the fast path on the same prompts (the fallback re-runs every block for every candidate, which at d 256
+    and 8 blocks takes hours over all prompts on 2 cores)."""
     blocks = list(range(1, model.n_blocks + 1))
     gd = ProbeSettings(context=context) if gd_steps is None else ProbeSettings(context=context, steps=gd_steps)
     exact = ProbeSettings(method="exact", context=context)
@@ -76,8 +83,12 @@ def compare(model: nn.Module, ids: Tensor, context: str, device: str, pad: int, 
     exact_nonself, more = timed(model, ids, device, masks=MASKS[1:], settings=exact, solver=ExactSolver(pad),
                                 **common)
     out["exact"], exact_rows = out["exact self"] + exact_nonself, fast_rows + more
-    if fallback:
-        out["fallback self"], slow_rows = timed(model, ids, device, masks=[0], settings=exact,
+    if fallback is not None:
+        few = ids[:fallback]
+        out["fallback prompts"] = few.shape[0]
+        out["fast self (same)"], fast_rows = timed(model, few, device, masks=[0], settings=exact,
+                                                   solver=ExactSolver(pad), **common)
+        out["fallback self"], slow_rows = timed(model, few, device, masks=[0], settings=exact,
                                                 solver=ExactSolver(pad, fast=False), **common)
         out["fast == fallback"] = all(a["recovered_ids"] == b["recovered_ids"] and a["true_rank"] == b["true_rank"]
                                       for a, b in zip(fast_rows, slow_rows))
@@ -116,6 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-steps", type=int, default=0, help="also probe each model after this much training")
     parser.add_argument("--gd-steps", type=int, default=None, help="gradient steps (default: the engine's)")
     parser.add_argument("--no-fallback", action="store_true", help="skip the generic-fallback self pass")
+    parser.add_argument("--fallback-prompts", type=int, default=None,
+                        help="run the generic fallback (and the fast path beside it) on the first N prompts only "
+                             "(default: all)")
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
@@ -131,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ids = torch.randint(2, 4096, (args.prompts, args.tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     rows, scale_rows = [], []
+    fallback = None if args.no_fallback else (args.fallback_prompts or ids.shape[0])
     for family in args.families.split(","):
         model = make_model(family, args.d, args.blocks, args.context).to(args.device).eval()
         states = [("untrained", model)]
@@ -141,17 +156,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for state, m in states:
             for context in ("prompt", "padded"):
                 row = {"family": family, "state": state, "context": context,
-                       **compare(m, ids, context, args.device, pad, not args.no_fallback, args.gd_steps)}
+                       **compare(m, ids, context, args.device, pad, fallback, args.gd_steps)}
                 row["exact/gd"] = row["exact"] / row["gd"]
                 print(f"{family} {state} {context}: gd {row['gd']:.1f} s, exact {row['exact']:.1f} s", flush=True)
                 row["exact self/gd self"] = row["exact self"] / row["gd self"]
                 if "fallback self" in row:
-                    row["fallback/fast"] = row["fallback self"] / row["exact self"]
+                    row["fallback/fast"] = row["fallback self"] / row["fast self (same)"]
                 rows.append(row)
-            if args.scaling:
+            if args.scaling and state == "untrained":  # the pass's cost does not depend on the weights
                 scale_rows += [{"family": family, "state": state, **r} for r in scaling(m, ids, args.device, pad)]
     print_table(rows, ["family", "state", "context", "gd", "exact", "exact/gd", "gd self", "exact self",
-                       "exact self/gd self", "fallback self", "fallback/fast", "fast == fallback"],
+                       "exact self/gd self", "fallback prompts", "fast self (same)", "fallback self", "fallback/fast",
+                       "fast == fallback"],
                 f"seconds on {args.device}: {args.prompts} prompts x {args.tokens} tokens, blocks 1..{args.blocks}, "
                 f"masks {MASKS}, d {args.d}")
     print_table(rows, ["family", "state", "context", *(f"{g} {k}" for g in ceiling.REGIONS for k in ceiling.CLASSES)],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,7 +22,7 @@ from lmrep.probe import (
     topk_ids,
 )
 from models import LlamaLM, LlamaModelConfig, MaskedMixer, MixerConfig
-from models.surface import ProbeSurface, SurfaceModel
+from models.surface import ModelShape, ProbeSurface, SurfaceModel
 
 VOCAB = 4096  # the project's tokenizer size, so pinv decoding is tested at its real difficulty
 PAD = 1
@@ -33,30 +32,18 @@ PROMPT_TOKENS = 12
 # ---------------------------------------------------------------- surface-conforming toy models
 
 
-@dataclass
-class ToyConfig:
-    """Shape of a ToyModel."""
-
-    d_model: int
-    """Width of the hidden state."""
-    context_length: int = 32
-    """Longest sequence the model accepts."""
-    vocab_size: int = VOCAB
-    """Number of token ids."""
-
-
 class ToyModel(SurfaceModel):
     """A surface-conforming model whose blocks are given modules acting on (b, t, d); N(0, 1) embeddings."""
 
     family: ClassVar[str] = "toy"
-    config_class: ClassVar[type] = ToyConfig
+    config_class: ClassVar[type] = ModelShape
     # Only onehot/adam has a family-free default (its lr is in logit units: benchmarks/RESULTS.md);
     # every other setting must be given an lr, which the error tests rely on.
     probe_lr: ClassVar[Mapping[tuple[str, str], float]] = {("onehot", "adam"): 0.1}
 
     def __init__(self, blocks: list[nn.Module], d: int, vocab: int = VOCAB, context_length: int = 32) -> None:
         super().__init__()
-        self.config = ToyConfig(d_model=d, context_length=context_length, vocab_size=vocab)
+        self.config = ModelShape(vocab_size=vocab, d_model=d, n_blocks=len(blocks), context_length=context_length)
         self.embedding = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(blocks)
 
