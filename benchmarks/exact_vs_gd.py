@@ -66,23 +66,23 @@ def compare(model: nn.Module, ids: Tensor, context: str, device: str, pad: int, 
     """One model and context: every runner on the same rows, the seconds and the class shares.
 
     `fallback`: how many of the prompts the generic fallback's self pass runs on (None: none), timed beside
-    the fast path on the same prompts (the fallback re-runs every block for every candidate, which at d 256
-    and 8 blocks takes hours over all prompts on 2 cores)."""
+    the fast path on the same prompts (the fallback re-runs every block for every candidate: at d 256 and
+    8 blocks not timed, estimated at half an hour per family on 2 cores even for one prompt per cell)."""
     blocks = list(range(1, model.n_blocks + 1))
     gd = ProbeSettings(context=context) if gd_steps is None else ProbeSettings(context=context, steps=gd_steps)
     exact = ProbeSettings(method="exact", context=context)
     common = dict(blocks=blocks, pad_token_id=pad)
     out: dict[str, Any] = {}
-    # Each method's self rows (m = 0) and non-self rows (m = 1) are timed apart, so the self-only figures come
-    # without a second run; a method's time over masks {0, 1} is their sum (rows are solved independently).
+    # GD solves every row on its own, so its time over masks {0, 1} is the sum of its self (m = 0) and
+    # m = 1 calls. The exact solver's self pass serves every mask of a prompt at once: it is timed over
+    # masks {0, 1} in one call, and its self rows alone in another.
     out["gd self"], gd_rows = timed(model, ids, device, masks=[0], settings=gd, **common)
     gd_nonself, more = timed(model, ids, device, masks=MASKS[1:], settings=gd, **common)
     out["gd"], gd_rows = out["gd self"] + gd_nonself, gd_rows + more
+    out["exact"], exact_rows = timed(model, ids, device, masks=MASKS, settings=exact, solver=ExactSolver(pad),
+                                     **common)
     out["exact self"], fast_rows = timed(model, ids, device, masks=[0], settings=exact, solver=ExactSolver(pad),
                                          **common)
-    exact_nonself, more = timed(model, ids, device, masks=MASKS[1:], settings=exact, solver=ExactSolver(pad),
-                                **common)
-    out["exact"], exact_rows = out["exact self"] + exact_nonself, fast_rows + more
     if fallback is not None:
         few = ids[:fallback]
         out["fallback prompts"] = few.shape[0]
