@@ -272,7 +272,8 @@ def test_smoke_preset_end_to_end(tmp_path: Path, data_cache: Path, capsys: pytes
     assert all(c["verdict"] in VERDICTS for c in claims)
     # Claim 1 (untrained mixers, block 1, self) has cells at this scale, so a verdict other than untested.
     assert claims[0]["verdict"] != UNTESTED and claims[0]["by_protocol"]["exact"]["cells"]
-    for name in ("untrained_vs_width", "validation_loss", "gd_vs_ceiling", "curves_flat-d32", "heatmap_llama-d32"):
+    for name in ("untrained_vs_width", "validation_loss", "gd_vs_ceiling", "families_vs_step", "curves_flat-d32",
+                 "heatmap_llama-d32"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000, name
     report = (out / "report.md").read_text()
     for claim in preset.claims:

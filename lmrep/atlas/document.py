@@ -141,6 +141,11 @@ def figure_parts(cells: list[dict[str, Any]], pooled: list[dict[str, Any]], name
                           "preset's token budget and the local TinyStories copy."))
     else:
         parts.append(para("No trained family in this run."))
+    path = figures.families_vs_step(cells, names, fig_dir)
+    if path:
+        parts.append(heading("Trained families side by side"))
+        parts.append(image(path, "every trained family: top-1 recovery vs training step per protocol, first block "
+                           "solid, last dashed, 95% band over prompts"))
     for run in sorted({c["run"] for c in cells if c["trained"]}):
         parts.append(heading(f"Trained {run}", 3))
         for p in figures.trained_curves([c for c in cells if c["run"] == run], names, losses, fig_dir):

@@ -132,14 +132,46 @@ def trained_curves(cells: Sequence[dict[str, Any]], protocols: Sequence[str], lo
             ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
             if sel:
                 ax.legend(fontsize=6)
+        last = max(c["step"] for c in mine)
         for ax in axes[:, :].flat:
             ax.set_xlabel("training step", fontsize=7)
             if log_x:
                 ax.set_xscale("symlog", linthresh=1)
-                ax.set_xlim(left=-0.5)  # steps are >= 0: no empty negative decades
+                # Steps are >= 0: no empty negative decades; a little room past the last step for its markers.
+                ax.set_xlim(-0.5, last * 1.3)
         fig.suptitle(f"{run}: recovery vs training step (95% band over prompts)")
         paths.append(_save(fig, out_dir / f"curves_{run}.png"))
     return paths
+
+
+def families_vs_step(cells: Sequence[dict[str, Any]], protocols: Sequence[str], out_dir: Path) -> Path | None:
+    """Every trained run on one grid: recovery vs step per protocol and panel, first block solid, last dashed."""
+    mine = [c for c in cells if c["trained"]]
+    if not mine:
+        return None
+    runs = sorted({c["run"] for c in mine})
+    colors = {run: f"C{i}" for i, run in enumerate(runs)}
+    fig, axes, panel_cells = _protocol_grid(mine, protocols)
+    for ax, protocol, metric, mask in panel_cells:
+        sel = [c for c in mine if c["protocol"] == protocol and c["mask"] == mask and c.get(metric) is not None]
+        for run in runs:
+            blocks = sorted({c["block"] for c in sel if c["run"] == run})
+            for block in blocks:
+                line = sorted((c for c in sel if c["run"] == run and c["block"] == block), key=lambda c: c["step"])
+                _band(ax, [c["step"] for c in line], line, metric, marker="o", ms=2, color=colors[run],
+                      linestyle="-" if block == blocks[0] else "--", label=f"{run} block {block}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
+        ax.set_xlabel("training step", fontsize=7)
+        if sel:
+            ax.legend(fontsize=5, ncol=2)
+    if log_like_steps([c["step"] for c in mine]):
+        last = max(c["step"] for c in mine)
+        for ax in axes.flat:
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xlim(-0.5, last * 1.3)
+    fig.suptitle("trained families: recovery vs training step (first block solid, last dashed; 95% band over prompts)")
+    return _save(fig, out_dir / "families_vs_step.png")
 
 
 def untrained_vs_width(pooled: Sequence[dict[str, Any]], protocols: Sequence[str], out_dir: Path) -> Path | None:
