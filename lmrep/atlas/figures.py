@@ -163,15 +163,26 @@ def families_vs_step(cells: Sequence[dict[str, Any]], protocols: Sequence[str], 
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
         ax.set_xlabel("training step", fontsize=7)
-        if sel:
-            ax.legend(fontsize=5, ncol=2)
+        if not sel:
+            ax.set_axis_off()
     if log_like_steps([c["step"] for c in mine]):
         last = max(c["step"] for c in mine)
         for ax in axes.flat:
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xlim(-0.5, last * 1.3)
-    fig.suptitle("trained families: recovery vs training step (first block solid, last dashed; 95% band over prompts)")
-    return _save(fig, out_dir / "families_vs_step.png")
+    # One legend for the whole grid, below it: eight lines would cover a panel's data.
+    labelled = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    fig.suptitle("trained families: recovery vs training step\n(first block solid, last dashed; 95% band over prompts)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(list(labelled.values()), list(labelled.keys()), loc="lower center", ncol=min(4, len(labelled)),
+               fontsize=7, frameon=False)
+    fig.savefig(out_dir / "families_vs_step.png", dpi=100)
+    plt.close(fig)
+    return out_dir / "families_vs_step.png"
 
 
 def untrained_vs_width(pooled: Sequence[dict[str, Any]], protocols: Sequence[str], out_dir: Path) -> Path | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,12 @@ def train_family(cfg: dict[str, Any], run_dir: Path) -> bool:
     from lmrep.cli import main
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not sys.stdout.isatty():
+        # Lightning's default bar (Rich, when installed) draws nothing into a log file until the run ends; tqdm
+        # writes a line every 1% of the run. Added here, after the run's key is taken: it does not change weights.
+        bar = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar",
+               "init_args": {"refresh_rate": max(1, cfg["trainer"]["max_steps"] // 100)}}
+        cfg = {**cfg, "trainer": {**cfg["trainer"], "callbacks": [*cfg["trainer"]["callbacks"], bar]}}
     config = run_dir / "atlas_train.yaml"
     write_text_atomic(config, yaml.safe_dump(cfg, sort_keys=False))
     cli = main(["fit", "--config", str(config)])
