@@ -46,7 +46,7 @@ def test_threshold_rule_holds_fails_and_has_no_cells() -> None:
     assert judge(THRESHOLD, [cell("padded", d_model=256)], "padded").result is None  # no cell of that width
     # The evidence names the cells and the value that decided.
     evidence = judge(THRESHOLD, bad, "padded").evidence
-    assert "over 2 cells = 0.55" in evidence[0] and any("d=512" in line for line in evidence[1:])
+    assert "over 2 cells = 0.550" in evidence[0] and any("d=512" in line for line in evidence[1:])
 
 
 def test_every_verdict_from_a_table_built_to_give_it() -> None:

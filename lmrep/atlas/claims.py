@@ -106,14 +106,14 @@ def judge(rule: dict[str, Any], cells: Sequence[dict[str, Any]], protocol: str) 
         diff = sides["a"][0] - sides["b"][0]
         evidence = [f"{protocol}: {rule.get('reduce', 'mean')} {metric} a = {sides['a'][0]:.2f} "
                     f"({len(sides['a'][1])} cells), b = {sides['b'][0]:.2f} ({len(sides['b'][1])} cells); "
-                    f"a - b = {diff:+.2f}, needs {op} {value:+.2f}"]
+                    f"a - b = {diff:+.3f}, needs {op} {value:+.2f}"]
         evidence += [f"  {s}: {describe(c, metric)}" for s in "ab" for c in sides[s][1][:SHOWN_CELLS]]
         return Judgement(OPS[op](diff, value), evidence)
     chosen = _select(cells, {**rule["where"], "protocol": protocol}, metric)
     if not chosen:
         return Judgement(None, [f"{protocol}: no cells ({rule['where']})"])
     got = reduce([c[metric] for c in chosen])
-    evidence = [f"{protocol}: {rule.get('reduce', 'mean')} {metric} over {len(chosen)} cells = {got:.2f}, "
+    evidence = [f"{protocol}: {rule.get('reduce', 'mean')} {metric} over {len(chosen)} cells = {got:.3f}, "
                 f"needs {op} {value:.2f}"]
     # The cells that decide: the lowest for a min, the highest for a max, else those nearest the threshold.
     order = {"min": lambda c: c[metric], "max": lambda c: -c[metric]}.get(rule.get("reduce", "mean"),
