@@ -20,7 +20,8 @@ from lmrep.atlas.table import cell_table, collect_rows, pooled_cells, write_atla
 from lmrep.atlas.training import VAL_LOSS_FILE, read_json
 from lmrep.prompts import PromptSet
 
-POOLED_KEYS = ["stage", "protocol", "run", "arch", "d_model", "n_blocks", "trained", "step", "block", "mask"]
+POOLED_KEYS = ["stage", "protocol", "run", "arch", "expansion", "n_parallel", "d_model", "n_blocks", "trained", "step",
+               "block", "mask"]
 
 
 def write_atlas(preset: AtlasPreset, out: Path, prompts: PromptSet, log: StageLog, times: dict[str, float],

@@ -170,46 +170,69 @@ def families_vs_step(cells: Sequence[dict[str, Any]], protocols: Sequence[str], 
         for ax in axes.flat:
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xlim(-0.5, last * 1.3)
-    # One legend for the whole grid, below it: eight lines would cover a panel's data.
-    labelled = {}
+    fig.suptitle("trained families: recovery vs training step\n(first block solid, last dashed; 95% band over prompts)",
+                 fontsize=10)
+    return _legend_below(fig, axes, out_dir / "families_vs_step.png")
+
+
+def model_kind(cell: dict[str, Any]) -> str:
+    """What a sweep's line is drawn for: architecture and depth, whatever the sweep is named (d=32-128 and a
+    wider d=256-512 sweep of flat mixers are one line)."""
+    arch = cell["arch"]
+    if arch == "expanded" and cell.get("expansion") is not None:
+        arch = f"expanded x{cell['expansion']:g}"
+    elif arch == "parallel" and cell.get("n_parallel") is not None:
+        arch = f"parallel {cell['n_parallel']}"
+    return f"{arch} n={cell['n_blocks']}"
+
+
+def _legend_below(fig: plt.Figure, axes: np.ndarray, path: Path, ncol: int = 4) -> Path:
+    """Save `fig` with one legend for all its panels below them (many lines would cover a panel's data)."""
+    labelled: dict[str, Any] = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             labelled.setdefault(label, handle)
-    fig.suptitle("trained families: recovery vs training step\n(first block solid, last dashed; 95% band over prompts)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.legend(list(labelled.values()), list(labelled.keys()), loc="lower center", ncol=min(4, len(labelled)),
-               fontsize=7, frameon=False)
-    fig.savefig(out_dir / "families_vs_step.png", dpi=100)
+    rows = -(-len(labelled) // ncol)
+    fig.tight_layout(rect=(0, min(0.25, 0.02 + 0.25 * rows / fig.get_figheight()), 1, 1))
+    fig.legend(list(labelled.values()), list(labelled.keys()), loc="lower center", ncol=ncol, fontsize=7,
+               frameon=False)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return out_dir / "families_vs_step.png"
+    return path
 
 
 def untrained_vs_width(pooled: Sequence[dict[str, Any]], protocols: Sequence[str], out_dir: Path) -> Path | None:
-    """Untrained sweeps: recovery vs d_model, pooled over seeds and prompts, at each sweep's first and last block."""
+    """Untrained sweeps: recovery vs d_model per model kind, pooled over seeds and prompts, first block solid, last
+    dashed."""
     mine = [c for c in pooled if not c["trained"]]
     if not mine:
         return None
+    kinds = sorted({model_kind(c) for c in mine})
+    colors = {kind: f"C{i}" for i, kind in enumerate(kinds)}
     fig, axes, panel_cells = _protocol_grid(mine, protocols)
     for ax, protocol, metric, mask in panel_cells:
         sel = [c for c in mine if c["protocol"] == protocol and c["mask"] == mask and c.get(metric) is not None]
-        for run in sorted({c["run"] for c in sel}):
-            for block in sorted({c["block"] for c in sel if c["run"] == run}):
-                line = sorted((c for c in sel if c["run"] == run and c["block"] == block),
+        for kind in kinds:
+            blocks = sorted({c["block"] for c in sel if model_kind(c) == kind})
+            for block in blocks:
+                line = sorted((c for c in sel if model_kind(c) == kind and c["block"] == block),
                               key=lambda c: c["d_model"])
                 ys = [c[metric] for c in line]
                 err = [[y - c[f"{metric}_lo"] for y, c in zip(ys, line)],
                        [c[f"{metric}_hi"] - y for y, c in zip(ys, line)]]
                 ax.errorbar([c["d_model"] for c in line], ys, yerr=err, marker="o", ms=3, capsize=2,
-                            label=f"{run} block {block}")
+                            color=colors[kind], linestyle="-" if block == blocks[0] else "--",
+                            label=f"{kind} block {block}")
+        ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
+        if not sel:
+            ax.set_axis_off()
+            continue
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("d_model", fontsize=7)
-        ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
-        if sel:
-            ax.legend(fontsize=5)
-    fig.suptitle("untrained models: recovery vs width (seeds and prompts pooled, 95% interval)")
-    return _save(fig, out_dir / "untrained_vs_width.png")
+    fig.suptitle("untrained models: recovery vs width (seeds and prompts pooled, 95% interval; first block solid, "
+                 "last dashed)")
+    return _legend_below(fig, axes, out_dir / "untrained_vs_width.png")
 
 
 def validation_losses(val: dict[str, dict[str, Any]], out_dir: Path) -> Path | None:
