@@ -76,6 +76,18 @@ def test_depends_on_protocol_names_the_difference_from_the_source() -> None:
     assert "padded_real (free all -> real)" in text and "exact (method embedding -> exact)" in text
 
 
+def test_an_untested_claim_says_when_part_of_it_was_measured() -> None:
+    wider = {**THRESHOLD, "where": {**THRESHOLD["where"], "d_model": 1024}}
+    cells = [cell("padded", nonself_acc=0.95)]
+    names = ["padded"]
+    half = judge_claims([Claim(9, "d=512 holds and d=1024 too", {"all": [THRESHOLD, wider]})], cells, names)[0]
+    assert half.verdict == UNTESTED
+    text = explain(half, PROTOCOLS)
+    assert text.startswith("partly measured") and "'d_model': 1024" in text and "'d_model': 512" not in text
+    none = judge_claims([Claim(7, "d=1024", wider)], cells, names)[0]
+    assert explain(none, PROTOCOLS) == "no cells at this scale"
+
+
 def test_a_claim_can_be_limited_to_some_protocols() -> None:
     cells = [cell("padded", nonself_acc=0.2), cell("exact", nonself_acc=1.0)]
     verdict = judge_claims([Claim(2, "c", THRESHOLD, protocols=["exact"])], cells, ["padded", "exact"])[0]

@@ -151,7 +151,12 @@ def explain(verdict: Verdict, protocols: Sequence[Any]) -> str:
     holds = [p for p, j in verdict.by_protocol.items() if j.result is True]
     fails = [p for p, j in verdict.by_protocol.items() if j.result is False]
     if verdict.verdict == UNTESTED:
-        return "no cells at this scale"
+        lines = [line for j in verdict.by_protocol.values() for line in j.evidence if not line.startswith("  ")]
+        if all("no cells" in line for line in lines):
+            return "no cells at this scale"
+        missing = sorted({line.split("no cells", 1)[1].strip() for line in lines if "no cells" in line})
+        return ("partly measured (the parts with cells are below, with the cells behind them); the verdict needs "
+                "cells this preset does not have: " + "; ".join(missing))
     source = next((p for p in protocols if p.source), None)
     by_name = {p.name: p for p in protocols}
     text = f"holds under {', '.join(holds) or 'none'}; fails under {', '.join(fails) or 'none'}"
