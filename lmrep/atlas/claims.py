@@ -154,7 +154,7 @@ def explain(verdict: Verdict, protocols: Sequence[Any]) -> str:
         lines = [line for j in verdict.by_protocol.values() for line in j.evidence if not line.startswith("  ")]
         if all("no cells" in line for line in lines):
             return "no cells at this scale"
-        missing = sorted({line.split("no cells", 1)[1].strip() for line in lines if "no cells" in line})
+        missing = [line for line in dict.fromkeys(lines) if "no cells" in line]
         return ("partly measured (the parts with cells are below, with the cells behind them); the verdict needs "
                 "cells this preset does not have: " + "; ".join(missing))
     source = next((p for p in protocols if p.source), None)
