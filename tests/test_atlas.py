@@ -274,6 +274,7 @@ def test_smoke_preset_end_to_end(tmp_path: Path, data_cache: Path, capsys: pytes
     n_dirs = n_protocols * (len(preset.untrained) + len(preset.trained.families) * len(preset.trained.d_models))
     assert first.count(" probed: ") == n_dirs
     assert first.count(": trained: ") == len(preset.trained.families)
+    assert "Epoch 0:" in first  # tqdm's training bar (Rich, in a non-terminal, writes only "Epoch 0/-2" at the end)
     cells = list(csv.DictReader((out / "atlas.csv").open()))
     assert {c["protocol"] for c in cells} == {p.name for p in preset.protocols}
     assert {c["stage"] for c in cells} == {"untrained", "trained probes"}
