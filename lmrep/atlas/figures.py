@@ -36,11 +36,33 @@ def _label(metric: str, mask: int) -> str:
     return f"{'self' if metric == 'self_acc' else 'non-self'}, m = {mask}"
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig: plt.Figure, path: Path, legend_below: np.ndarray | None = None, ncol: int = 4) -> Path:
+    """Save and close `fig`; with `legend_below` (its axes), one legend for every panel goes under the grid
+    (many lines would cover a panel's data)."""
+    bottom = 0.0
+    if legend_below is not None:
+        labelled: dict[str, Any] = {}
+        for ax in legend_below.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                labelled.setdefault(label, handle)
+        rows = -(-len(labelled) // ncol)
+        bottom = min(0.25, 0.02 + 0.25 * rows / fig.get_figheight())
+        fig.legend(list(labelled.values()), list(labelled.keys()), loc="lower center", ncol=ncol, fontsize=7,
+                   frameon=False)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _symlog_steps(axes: Any, steps: Sequence[int]) -> None:
+    """Training-step x axes on symlog when the steps span decades: from step 0 (no empty negative decades), with a
+    little room past the last step for its markers."""
+    if not log_like_steps(steps):
+        return
+    for ax in np.asarray(axes).flat:
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.5, max(steps) * 1.3)
 
 
 def _protocol_grid(mine: Sequence[dict[str, Any]], protocols: Sequence[str], top_rows: int = 0,
@@ -122,7 +144,6 @@ def trained_curves(cells: Sequence[dict[str, Any]], protocols: Sequence[str], lo
         ax.set_title(f"{run}: language-model loss", fontsize=8)
         ax.set_ylabel("nats/token", fontsize=7)
         ax.legend(fontsize=6)
-        log_x = log_like_steps([c["step"] for c in mine])
         for ax, protocol, metric, mask in panel_cells:
             sel = [c for c in mine if c["protocol"] == protocol and c["mask"] == mask and c.get(metric) is not None]
             for block in sorted({c["block"] for c in sel}):
@@ -132,13 +153,9 @@ def trained_curves(cells: Sequence[dict[str, Any]], protocols: Sequence[str], lo
             ax.set_title(f"{protocol}: {_label(metric, mask)}" + ("" if sel else ": not measured"), fontsize=8)
             if sel:
                 ax.legend(fontsize=6)
-        last = max(c["step"] for c in mine)
-        for ax in axes[:, :].flat:
+        for ax in axes.flat:
             ax.set_xlabel("training step", fontsize=7)
-            if log_x:
-                ax.set_xscale("symlog", linthresh=1)
-                # Steps are >= 0: no empty negative decades; a little room past the last step for its markers.
-                ax.set_xlim(-0.5, last * 1.3)
+        _symlog_steps(axes, [c["step"] for c in mine])
         fig.suptitle(f"{run}: recovery vs training step (95% band over prompts)")
         paths.append(_save(fig, out_dir / f"curves_{run}.png"))
     return paths
@@ -165,14 +182,10 @@ def families_vs_step(cells: Sequence[dict[str, Any]], protocols: Sequence[str], 
         ax.set_xlabel("training step", fontsize=7)
         if not sel:
             ax.set_axis_off()
-    if log_like_steps([c["step"] for c in mine]):
-        last = max(c["step"] for c in mine)
-        for ax in axes.flat:
-            ax.set_xscale("symlog", linthresh=1)
-            ax.set_xlim(-0.5, last * 1.3)
+    _symlog_steps(axes, [c["step"] for c in mine])
     fig.suptitle("trained families: recovery vs training step\n(first block solid, last dashed; 95% band over prompts)",
                  fontsize=10)
-    return _legend_below(fig, axes, out_dir / "families_vs_step.png")
+    return _save(fig, out_dir / "families_vs_step.png", legend_below=axes)
 
 
 def model_kind(cell: dict[str, Any]) -> str:
@@ -184,21 +197,6 @@ def model_kind(cell: dict[str, Any]) -> str:
     elif arch == "parallel" and cell.get("n_parallel") is not None:
         arch = f"parallel {cell['n_parallel']}"
     return f"{arch} n={cell['n_blocks']}"
-
-
-def _legend_below(fig: plt.Figure, axes: np.ndarray, path: Path, ncol: int = 4) -> Path:
-    """Save `fig` with one legend for all its panels below them (many lines would cover a panel's data)."""
-    labelled: dict[str, Any] = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            labelled.setdefault(label, handle)
-    rows = -(-len(labelled) // ncol)
-    fig.tight_layout(rect=(0, min(0.25, 0.02 + 0.25 * rows / fig.get_figheight()), 1, 1))
-    fig.legend(list(labelled.values()), list(labelled.keys()), loc="lower center", ncol=ncol, fontsize=7,
-               frameon=False)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def untrained_vs_width(pooled: Sequence[dict[str, Any]], protocols: Sequence[str], out_dir: Path) -> Path | None:
@@ -232,7 +230,7 @@ def untrained_vs_width(pooled: Sequence[dict[str, Any]], protocols: Sequence[str
         ax.set_xlabel("d_model", fontsize=7)
     fig.suptitle("untrained models: recovery vs width (seeds and prompts pooled, 95% interval; first block solid, "
                  "last dashed)")
-    return _legend_below(fig, axes, out_dir / "untrained_vs_width.png")
+    return _save(fig, out_dir / "untrained_vs_width.png", legend_below=axes)
 
 
 def validation_losses(val: dict[str, dict[str, Any]], out_dir: Path) -> Path | None:
